@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: lazy tensor handles, safe torch.save reading, optimum-neuron layouts."""

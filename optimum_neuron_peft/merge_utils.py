@@ -1,0 +1,449 @@
+"""Task-tensor merging kernels with the same functions, signatures and results as ``peft.utils.merge_utils``.
+
+Results equal PEFT's bit for bit on float32 inputs; they are faster and use a fraction of the memory because:
+
+- magnitude pruning finds the k-th largest magnitude with a radix select (histograms of the float bit patterns,
+  which order like the magnitudes) instead of a full ``topk``, and keeps a tiny rule (threshold, tie cut-off)
+  rather than a mask;
+- DARE draws its Bernoulli masks from the same Mersenne Twister stream as ``torch.bernoulli`` (one 32-bit draw per
+  element, in order), vectorised with numpy when a self-check proves the streams identical, else with
+  ``torch.bernoulli`` itself;
+- the stacked ``(n, ...)`` tensor is never built: the prune / elect sign / disjoint mean steps are replayed with
+  PEFT's exact expressions on flat chunks. Each step is elementwise or a reduction over the task dimension, so
+  chunking does not change a single bit.
+
+Ties in magnitude: for float32/float64 a tie at the threshold that must be broken falls back to ``torch.topk`` so
+the kept elements are PEFT's; for float16/bfloat16 (where ties are common) the lowest flat indices are kept: the
+kept count and every other element match PEFT, only the choice among equal magnitudes may differ.
+
+Deviation: ``random_pruning(..., rescale=True)`` at density 0 returns zeros where PEFT divides 0 by 0 (NaN).
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+import warnings
+from typing import Callable, Literal, Sequence
+
+import torch
+
+from .errors import MergeError
+
+__all__ = [
+    "reshape_weight_task_tensors",
+    "magnitude_based_pruning",
+    "random_pruning",
+    "prune",
+    "calculate_majority_sign_mask",
+    "disjoint_merge",
+    "task_arithmetic",
+    "magnitude_prune",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+]
+
+# Elements per chunk for one task tensor; the stacked chunk holds n times that.
+_CHUNK_ELEMENTS = 1 << 19
+_MAJORITY_METHODS = ("total", "frequency")
+
+
+def _chunks(numel: int, n_tasks: int = 1) -> list[tuple[int, int]]:
+    size = max(1 << 16, _CHUNK_ELEMENTS // max(1, n_tasks))
+    return [(s, min(s + size, numel)) for s in range(0, numel, size)] or [(0, 0)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Magnitude rule: keep the k largest |x| (radix select on the bit patterns of |x|)
+# --------------------------------------------------------------------------------------------------------------
+
+_KEY_DTYPES = {2: (torch.int16, 0x7FFF), 4: (torch.int32, 0x7FFFFFFF)}
+
+
+def _magnitude_key(chunk: torch.Tensor) -> torch.Tensor:
+    """Non-negative integers ordered exactly like ``chunk.abs()`` (NaN above inf, as ``topk`` ranks it)."""
+    int_dtype, mask = _KEY_DTYPES[chunk.element_size()]
+    return chunk.view(int_dtype).bitwise_and(mask)
+
+
+def _kth_largest_bucket(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """Bucket holding the k-th largest value (k >= 1) and the number of values in higher buckets."""
+    from_top = hist.flip(0).cumsum(0)
+    j = int(torch.searchsorted(from_top, torch.tensor([k], dtype=from_top.dtype, device=from_top.device)))
+    bucket = hist.numel() - 1 - j
+    return bucket, int(from_top[j]) - int(hist[bucket])
+
+
+class _MagnitudeRule:
+    """Which flat elements ``magnitude_based_pruning`` keeps, computed without sorting.
+
+    ``mode`` is ``none`` (k == 0), ``all``, ``ge`` (keep key >= t), ``cutoff`` (key > t, or key == t before flat
+    index ``cutoff``) or ``mask`` (an explicit mask from ``torch.topk``, PEFT's own tie-breaking).
+    """
+
+    def __init__(self, flat: torch.Tensor, k: int):
+        self.mode, self.threshold, self.cutoff, self.mask = "ge", 0, 0, None
+        numel = flat.numel()
+        if k <= 0:
+            self.mode = "none"
+        elif k >= numel:
+            self.mode = "all"
+        elif not flat.is_floating_point() or flat.element_size() not in _KEY_DTYPES:
+            self._topk_mask(flat, k)
+        else:
+            self._radix_select(flat, k)
+
+    def _topk_mask(self, flat: torch.Tensor, k: int) -> None:
+        self.mode = "mask"
+        self.mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+        self.mask[torch.topk(flat.abs(), k=k, largest=True)[1]] = True
+
+    def _radix_select(self, flat: torch.Tensor, k: int) -> None:
+        spans = _chunks(flat.numel())
+        wide = flat.element_size() == 4
+        shift = 16 if wide else 0
+        hist = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
+        for s, e in spans:
+            hist += torch.bincount((_magnitude_key(flat[s:e]) >> shift).int(), minlength=1 << 15)
+        bucket, greater = _kth_largest_bucket(hist, k)
+        threshold, equal = bucket, int(hist[bucket])
+        if wide:
+            low = torch.zeros(1 << 16, dtype=torch.int64, device=flat.device)
+            for s, e in spans:
+                key = _magnitude_key(flat[s:e])
+                low += torch.bincount((key[(key >> 16) == bucket] & 0xFFFF).int(), minlength=1 << 16)
+            low_bucket, low_greater = _kth_largest_bucket(low, k - greater)
+            threshold, greater, equal = (bucket << 16) | low_bucket, greater + low_greater, int(low[low_bucket])
+        self.threshold = threshold
+        needed = k - greater
+        if needed == equal:
+            return
+        if wide:  # float32: ties are rare, reproduce PEFT's choice exactly
+            self._topk_mask(flat, k)
+            return
+        self.mode = "cutoff"
+        seen = 0
+        for s, e in spans:
+            hits = (_magnitude_key(flat[s:e]) == threshold).nonzero().flatten()
+            if seen + hits.numel() >= needed:
+                self.cutoff = s + int(hits[needed - seen - 1]) + 1
+                return
+            seen += hits.numel()
+
+    def keep(self, chunk: torch.Tensor, start: int) -> torch.Tensor:
+        end = start + chunk.numel()
+        if self.mode == "none":
+            return torch.zeros(chunk.shape, dtype=torch.bool, device=chunk.device)
+        if self.mode == "all":
+            return torch.ones(chunk.shape, dtype=torch.bool, device=chunk.device)
+        if self.mode == "mask":
+            return self.mask[start:end]
+        key = _magnitude_key(chunk)
+        if self.mode == "ge" or end <= self.cutoff:
+            return key >= self.threshold
+        if start >= self.cutoff:
+            return key > self.threshold
+        index = torch.arange(start, end, device=chunk.device)
+        return (key > self.threshold) | ((key == self.threshold) & (index < self.cutoff))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bernoulli masks drawn exactly like torch.bernoulli(torch.full_like(x, density)) on CPU
+# --------------------------------------------------------------------------------------------------------------
+
+_MT_N = 624
+_STATE_HEADER = struct.Struct("<QiiQ")  # the_initial_seed, left, seeded, next; then uint64 state[624]
+_fast_bernoulli_ok: dict[torch.dtype, bool] = {}
+
+
+def _torch_bernoulli(numel: int, dtype: torch.dtype, density: float, generator, device) -> torch.Tensor:
+    out = torch.empty(numel, dtype=torch.bool, device=device)
+    spans = _chunks(numel) if torch.device(device).type == "cpu" else [(0, numel)]
+    for s, e in spans:  # the CPU kernel draws one number per element, in order: chunking keeps the stream
+        p = torch.full((e - s,), density, dtype=dtype, device=device)
+        out[s:e] = torch.bernoulli(p, generator=generator).bool()
+    return out
+
+
+def _numpy_bernoulli(numel: int, dtype: torch.dtype, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Same stream as the CPU bernoulli kernel: draw r (mt19937), keep iff (r & 2^24-1) * 2^-24 < float(p)."""
+    import numpy as np
+
+    raw = generator.get_state()
+    header = _STATE_HEADER.unpack_from(raw.numpy(), 0)
+    state_bytes = raw[_STATE_HEADER.size : _STATE_HEADER.size + 8 * _MT_N].numpy()
+    key = state_bytes.view(np.uint64).astype(np.uint32)
+    bit_gen = np.random.MT19937()
+    bit_gen.state = {"bit_generator": "MT19937", "state": {"key": key, "pos": _MT_N if header[1] == 1 else header[3]}}
+    p = float(torch.tensor(density, dtype=dtype).float())
+    limit = math.ceil(p * (1 << 24))
+    draws = np.random.Generator(bit_gen)
+    out = torch.empty(numel, dtype=torch.bool)
+    out_np = out.numpy()
+    step = 1 << 22
+    for s in range(0, numel, step):
+        e = min(s + step, numel)
+        r = draws.integers(0, 1 << 32, size=e - s, dtype=np.uint32)
+        np.less(np.bitwise_and(r, 0xFFFFFF, out=r), limit, out=out_np[s:e])
+    new_state = bit_gen.state["state"]
+    pos = int(new_state["pos"])
+    new_raw = raw.clone()
+    buf = new_raw.numpy()
+    _STATE_HEADER.pack_into(buf, 0, header[0], _MT_N + 1 - pos, header[2], pos)
+    buf[_STATE_HEADER.size : _STATE_HEADER.size + 8 * _MT_N] = (
+        np.asarray(new_state["key"], dtype=np.uint32).astype(np.uint64).view(np.uint8)
+    )
+    generator.set_state(new_raw)
+    return out
+
+
+def _fast_path_available(dtype: torch.dtype) -> bool:
+    """Check once per dtype that the numpy stream reproduces torch.bernoulli and the generator state after it."""
+    if dtype not in _fast_bernoulli_ok:
+        ok = False
+        try:
+            import numpy  # noqa: F401
+
+            for density in (0.2, 0.73):
+                g1, g2 = torch.Generator().manual_seed(1234), torch.Generator().manual_seed(1234)
+                torch.rand(5, generator=g1), torch.rand(5, generator=g2)
+                ok_ref = torch.bernoulli(torch.full((2000,), density, dtype=dtype), generator=g1).bool()
+                ok_fast = _numpy_bernoulli(2000, dtype, density, g2)
+                ok = bool(torch.equal(ok_ref, ok_fast)) and torch.equal(
+                    torch.rand(700, generator=g1), torch.rand(700, generator=g2)
+                )
+                if not ok:
+                    break
+        except Exception:  # noqa: BLE001 - any failure means: use torch.bernoulli
+            ok = False
+        _fast_bernoulli_ok[dtype] = ok
+    return _fast_bernoulli_ok[dtype]
+
+
+def _bernoulli_mask(tensor: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
+    """Flat bool mask equal to ``torch.bernoulli(torch.full_like(tensor, density), generator=generator) == 1``."""
+    if tensor.device.type == "cpu":
+        generator = generator if generator is not None else torch.default_generator
+        if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and _fast_path_available(tensor.dtype):
+            return _numpy_bernoulli(tensor.numel(), tensor.dtype, density, generator)
+    return _torch_bernoulli(tensor.numel(), tensor.dtype, density, generator, tensor.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public PEFT-compatible functions
+# --------------------------------------------------------------------------------------------------------------
+
+
+def reshape_weight_task_tensors(task_tensors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """View ``weights`` (n,) as (n, 1, ..., 1) to broadcast over the stacked ``task_tensors`` (n, ...)."""
+    return weights.view(weights.shape + (1,) * (task_tensors.dim() - weights.dim()))
+
+
+def magnitude_based_pruning(tensor: torch.Tensor, density: float) -> torch.Tensor:
+    """Zero all but the ``int(density * numel)`` largest-magnitude values of ``tensor``."""
+    flat = tensor.reshape(-1)
+    rule = _MagnitudeRule(flat, int(density * tensor.numel()))
+    out = torch.empty_like(flat)
+    for s, e in _chunks(flat.numel()):
+        torch.mul(flat[s:e], rule.keep(flat[s:e], s), out=out[s:e])
+    return out.view(tensor.shape)
+
+
+def random_pruning(
+    tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Keep each value with probability ``density`` (the masks of PEFT for the same random state)."""
+    mask = _bernoulli_mask(tensor, density, generator).view(tensor.shape)
+    pruned = tensor * mask
+    if rescale and density > 0:
+        pruned = pruned / density
+    return pruned
+
+
+def _check_density(density: float) -> bool:
+    """True when pruning applies; warns like PEFT when density >= 1."""
+    if density is None or isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise MergeError(f"density: expected a number in [0, 1], found {density!r}")
+    if density >= 1:
+        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.")
+        return False
+    if density < 0:
+        raise MergeError(f"density: expected a number in [0, 1], found {density}")
+    return True
+
+
+def prune(
+    tensor: torch.Tensor,
+    density: float,
+    method: Literal["magnitude", "random"],
+    rescale: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Prune ``tensor`` by magnitude or at random, keeping a fraction ``density`` of its values."""
+    if method not in ("magnitude", "random"):
+        raise MergeError(f"method: expected 'magnitude' or 'random', found {method!r}")
+    if not _check_density(density):
+        return tensor
+    if method == "magnitude":
+        return magnitude_based_pruning(tensor, density)
+    return random_pruning(tensor, density, rescale=rescale, generator=generator)
+
+
+def _check_sign_method(method: str) -> None:
+    if method not in _MAJORITY_METHODS:
+        raise MergeError(f"majority_sign_method: expected one of {_MAJORITY_METHODS}, found {method!r}")
+
+
+def _elect(stacked: torch.Tensor, method: str) -> torch.Tensor:
+    sign = stacked.sign()
+    magnitude = stacked.sum(dim=0) if method == "total" else sign.sum(dim=0)
+    return sign == torch.where(magnitude >= 0, 1, -1)
+
+
+def _disjoint(weighted: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (weighted * mask).sum(dim=0) / torch.clamp(mask.sum(dim=0), min=1.0)
+
+
+def calculate_majority_sign_mask(
+    tensor: torch.Tensor, method: Literal["total", "frequency"] = "total"
+) -> torch.Tensor:
+    """Mask of the entries of the stacked ``tensor`` (n, ...) whose sign is the elected (majority) sign."""
+    _check_sign_method(method)
+    flat = tensor.reshape(tensor.shape[0], -1)
+    out = torch.empty(flat.shape, dtype=torch.bool, device=tensor.device)
+    for s, e in _chunks(flat.shape[1], flat.shape[0]):
+        out[:, s:e] = _elect(flat[:, s:e], method)
+    return out.view(tensor.shape)
+
+
+def disjoint_merge(task_tensors: torch.Tensor, majority_sign_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the task dimension of the entries selected by ``majority_sign_mask``."""
+    flat = task_tensors.reshape(task_tensors.shape[0], -1)
+    mask = majority_sign_mask.reshape(flat.shape)
+    return _run_chunked(flat.shape[1], flat.shape[0], lambda s, e: _disjoint(flat[:, s:e], mask[:, s:e])).view(
+        task_tensors.shape[1:]
+    )
+
+
+def _run_chunked(numel: int, n_tasks: int, compute: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    out = None
+    for s, e in _chunks(numel, n_tasks):
+        part = compute(s, e)
+        if out is None:
+            out = torch.empty(numel, dtype=part.dtype, device=part.device)
+        out[s:e] = part
+    return out
+
+
+def _as_weights(task_tensors: Sequence[torch.Tensor], weights) -> torch.Tensor:
+    if not isinstance(weights, torch.Tensor):
+        weights = torch.tensor(list(weights))
+    if weights.dim() != 1 or weights.numel() != len(task_tensors):
+        raise MergeError(
+            f"weights: expected a 1-D tensor of {len(task_tensors)} values (one per task tensor), "
+            f"found shape {tuple(weights.shape)}"
+        )
+    return weights.view(-1, 1)
+
+
+def _flat_tasks(task_tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    if len(task_tensors) == 0:
+        raise MergeError("task_tensors: expected at least one tensor, found none")
+    shapes = {tuple(t.shape) for t in task_tensors}
+    if len(shapes) != 1:
+        raise MergeError(f"task_tensors: expected tensors of one shape, found shapes {sorted(shapes)}")
+    return [t.reshape(-1) for t in task_tensors]
+
+
+def _merge(
+    task_tensors: Sequence[torch.Tensor],
+    weights,
+    pruner: Callable[[int, torch.Tensor], Callable[[torch.Tensor, int], torch.Tensor]] | None,
+    majority_sign_method: str | None,
+) -> torch.Tensor:
+    """Prune each task tensor, weight, then sum (``majority_sign_method`` None) or take the disjoint mean."""
+    flats = _flat_tasks(task_tensors)
+    w = _as_weights(task_tensors, weights)
+    prune_chunk = [pruner(i, f) for i, f in enumerate(flats)] if pruner is not None else None
+
+    def compute(s: int, e: int) -> torch.Tensor:
+        if prune_chunk is None:
+            stacked = torch.stack([f[s:e] for f in flats], dim=0)
+        else:
+            stacked = torch.stack([p(f[s:e], s) for p, f in zip(prune_chunk, flats)], dim=0)
+        if majority_sign_method is None:
+            return (stacked * w).sum(dim=0)
+        mask = _elect(stacked, majority_sign_method)
+        return _disjoint(stacked * w, mask)
+
+    return _run_chunked(flats[0].numel(), len(flats), compute).view(task_tensors[0].shape)
+
+
+def _magnitude_pruner(density: float):
+    if not _check_density(density):
+        return None
+
+    def make(_: int, flat: torch.Tensor):
+        rule = _MagnitudeRule(flat, int(density * flat.numel()))
+        return lambda chunk, start: chunk * rule.keep(chunk, start)
+
+    return make
+
+
+def _random_pruner(density: float, generator: torch.Generator | None):
+    if not _check_density(density):
+        return None
+    # Draw every mask first, task by task, to consume the random stream in PEFT's order.
+    masks: dict[int, torch.Tensor] = {}
+
+    def make(i: int, flat: torch.Tensor):
+        masks[i] = _bernoulli_mask(flat, density, generator)
+        if density == 0:
+            return lambda chunk, start: chunk * masks[i][start : start + chunk.numel()]
+        return lambda chunk, start: (chunk * masks[i][start : start + chunk.numel()]) / density
+
+    return make
+
+
+def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of the task tensors."""
+    return _merge(task_tensors, weights, None, None)
+
+
+def magnitude_prune(task_tensors: list[torch.Tensor], weights: torch.Tensor, density: float) -> torch.Tensor:
+    """Magnitude-prune each task tensor, then take the weighted sum."""
+    return _merge(task_tensors, weights, _magnitude_pruner(density), None)
+
+
+def ties(
+    task_tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+) -> torch.Tensor:
+    """TIES: magnitude-prune, elect the majority sign, weighted disjoint mean."""
+    _check_sign_method(majority_sign_method)
+    return _merge(task_tensors, weights, _magnitude_pruner(density), majority_sign_method)
+
+
+def dare_linear(
+    task_tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE: random-prune with rescaling, then take the weighted sum."""
+    return _merge(task_tensors, weights, _random_pruner(density, generator), None)
+
+
+def dare_ties(
+    task_tensors: list[torch.Tensor],
+    weights: torch.Tensor,
+    density: float,
+    majority_sign_method: Literal["total", "frequency"] = "total",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """DARE-TIES: random-prune with rescaling, elect the majority sign, weighted disjoint mean."""
+    _check_sign_method(majority_sign_method)
+    return _merge(task_tensors, weights, _random_pruner(density, generator), majority_sign_method)

@@ -1,0 +1,434 @@
+"""`GQAQKVColumnParallelLinearSpec`: q/k/v projections -> the GQA QKV column-parallel layer, and o_proj permuted.
+
+Per rank (FORMATS.md section 2): q rows = H*hd/tp, in the query-head order of `gqa_layout`; k and v rows =
+K*m*hd/tp, the rank's chunk of the m-times replicated key/value heads; with ``fuse_qkv`` one ``weight_qkv`` =
+[q; k; v]. ``o_proj`` (row parallel) holds the columns of the same query heads, in the same order; its bias is
+neither sharded nor permuted and is left to the generic path.
+
+LoRA (names without adapter name): ours keeps one pair per projection, ``qkv_proj.lora_A.weight_{q,k,v}`` (full,
+replicated: the base layer is column parallel) and ``qkv_proj.lora_B.weight_{q,k,v}`` (rows laid out like the base
+weights). optimum-neuron's shared ``qkv_proj.lora_A.weight`` is duplicated for q, k and v, and its fused lora_B
+(``lora_B.weight_qkv`` or ``lora_B.weight``) is split. ``o_proj.lora_A.weight`` (sharded along its columns) follows
+the output permutation; ``o_proj.lora_B.weight`` is replicated and left to the generic path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Literal, Mapping, Sequence
+
+import torch
+
+from ..errors import SpecError
+from . import peft_targets
+from .base import ModelWeightTransformationSpec, register_spec
+from .gqa_layout import (
+    KVLayout,
+    check_gqa_shape,
+    default_kv_size_multiplier,
+    kv_replicas_for_rank,
+    query_head_indices_for_rank,
+)
+from .sharding import take_blocks, tensor_shape
+
+QKV = ("q", "k", "v")
+
+
+def _head_blocks(heads: Sequence[int], head_dim: int) -> list[tuple[int, int]]:
+    return [(h * head_dim, (h + 1) * head_dim) for h in heads]
+
+
+def create_query_or_output_projection_local_weight_from_regular_weight(
+    weight_data: Any,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    kv_size_multiplier: int,
+    query_or_output_proj: Literal["query", "output"],
+    tp_size: int,
+    tp_rank: int,
+    kv_layout: KVLayout = "tiled",
+) -> torch.Tensor:
+    """This rank's rows of a q_proj weight/bias (``"query"``) or columns of an o_proj weight (``"output"``)."""
+    if query_or_output_proj not in ("query", "output"):
+        raise SpecError(f"query_or_output_proj must be 'query' or 'output', got {query_or_output_proj!r}")
+    dim = 0 if query_or_output_proj == "query" else 1
+    size = tensor_shape(weight_data)[dim]
+    if size % num_attention_heads != 0:
+        raise SpecError(
+            f"{query_or_output_proj} projection: dim {dim} has size {size}, not a multiple of "
+            f"num_attention_heads={num_attention_heads}"
+        )
+    heads = query_head_indices_for_rank(
+        tp_size, tp_rank, num_attention_heads, num_key_value_heads, kv_size_multiplier, kv_layout
+    )
+    return take_blocks(weight_data, dim, _head_blocks(heads, size // num_attention_heads))
+
+
+def create_kv_proj_local_weight_from_regular_weight(
+    weight_data: Any,
+    kv_size_multiplier: int,
+    output_size_per_partition: int,
+    tp_size: int,
+    tp_rank: int,
+    num_key_value_heads: int | None = None,
+    kv_layout: KVLayout = "tiled",
+) -> torch.Tensor:
+    """This rank's rows of a k_proj / v_proj weight or bias after replicating its heads ``kv_size_multiplier`` times.
+
+    ``num_key_value_heads`` is needed only for the interleaved layout (tiled replication does not depend on it).
+    """
+    rows = tensor_shape(weight_data)[0]
+    if rows * kv_size_multiplier != output_size_per_partition * tp_size:
+        raise SpecError(
+            f"key/value projection: {rows} rows replicated {kv_size_multiplier} times must fill tp_size={tp_size} "
+            f"partitions of {output_size_per_partition} rows, but {rows}*{kv_size_multiplier} != "
+            f"{output_size_per_partition}*{tp_size}"
+        )
+    start, stop = tp_rank * output_size_per_partition, (tp_rank + 1) * output_size_per_partition
+    blocks = []
+    if kv_layout == "tiled":
+        # Rows [start, stop) of the tensor repeated m times along dim 0, read as runs of the original rows.
+        pos = start
+        while pos < stop:
+            offset = pos % rows
+            length = min(rows - offset, stop - pos)
+            blocks.append((offset, offset + length))
+            pos += length
+    else:
+        if num_key_value_heads is None or rows % num_key_value_heads:
+            raise SpecError(
+                f"key/value projection: the interleaved layout needs num_key_value_heads dividing {rows} rows, "
+                f"got {num_key_value_heads}"
+            )
+        head_dim = rows // num_key_value_heads
+        for pos in range(start, stop, head_dim):
+            head = (pos // head_dim) // kv_size_multiplier  # replicas of a head are adjacent
+            blocks.append((head * head_dim, (head + 1) * head_dim))
+    return take_blocks(weight_data, 0, blocks)
+
+
+def compute_query_indices_for_rank(
+    tp_size: int,
+    tp_rank: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    kv_size_multiplier: int,
+    kv_layout: KVLayout = "tiled",
+) -> torch.Tensor:
+    """Original query head indices held by ``tp_rank``, in local order (see `gqa_layout`)."""
+    heads = query_head_indices_for_rank(
+        tp_size, tp_rank, num_attention_heads, num_key_value_heads, kv_size_multiplier, kv_layout
+    )
+    return torch.tensor(heads, dtype=torch.long)
+
+
+@register_spec
+@dataclasses.dataclass
+class GQAQKVColumnParallelLinearSpec(ModelWeightTransformationSpec):
+    gqa_qkv_projection_name: str
+    query_projection_name: str
+    key_projection_name: str
+    value_projection_name: str
+    output_projection_name: str
+    num_attention_heads: int
+    num_key_value_heads: int
+    kv_size_multiplier: int
+    q_output_size_per_partition: int
+    kv_output_size_per_partition: int
+    fuse_qkv: bool
+    bias: bool
+    tp_size: int
+    kv_layout: str = "tiled"
+
+    serialized_defaults: ClassVar[dict[str, Any]] = {"kv_layout": "tiled"}  # optimum-neuron has no such field
+
+    compute_query_indices_for_rank = staticmethod(compute_query_indices_for_rank)
+    create_kv_proj_local_weight_from_regular_weight = staticmethod(create_kv_proj_local_weight_from_regular_weight)
+    create_query_or_output_projection_local_weight_from_regular_weight = staticmethod(
+        create_query_or_output_projection_local_weight_from_regular_weight
+    )
+
+    def __post_init__(self):
+        where = f"GQAQKVColumnParallelLinearSpec({self.gqa_qkv_projection_name})"
+        check_gqa_shape(self.tp_size, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, where=where)
+        if self.kv_layout not in ("tiled", "interleaved"):
+            raise SpecError(f"{where}: kv_layout must be 'tiled' or 'interleaved', got {self.kv_layout!r}")
+        q_total = self.q_output_size_per_partition * self.tp_size
+        if q_total % self.num_attention_heads:
+            raise SpecError(
+                f"{where}: q_output_size_per_partition={self.q_output_size_per_partition} * tp_size={self.tp_size} "
+                f"is not a multiple of num_attention_heads={self.num_attention_heads}"
+            )
+        expected_kv = self.num_key_value_heads * self.kv_size_multiplier * self.head_dim // self.tp_size
+        if self.kv_output_size_per_partition != expected_kv:
+            raise SpecError(
+                f"{where}: kv_output_size_per_partition must be K*m*head_dim/tp = {expected_kv}, "
+                f"got {self.kv_output_size_per_partition}"
+            )
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        num_attention_heads: int,
+        num_key_value_heads: int,
+        head_dim: int,
+        tp_size: int,
+        kv_size_multiplier: int | None = None,
+        fuse_qkv: bool = False,
+        bias: bool = False,
+        kv_layout: str = "tiled",
+        gqa_qkv_projection_name: str = "qkv_proj",
+        query_projection_name: str = "q_proj",
+        key_projection_name: str = "k_proj",
+        value_projection_name: str = "v_proj",
+        output_projection_name: str = "o_proj",
+    ) -> "GQAQKVColumnParallelLinearSpec":
+        """Build a spec from head counts, choosing the smallest valid ``kv_size_multiplier`` when None."""
+        if kv_size_multiplier is None:
+            kv_size_multiplier = default_kv_size_multiplier(tp_size, num_attention_heads, num_key_value_heads)
+        check_gqa_shape(tp_size, num_attention_heads, num_key_value_heads, kv_size_multiplier)
+        return cls(
+            gqa_qkv_projection_name=gqa_qkv_projection_name,
+            query_projection_name=query_projection_name,
+            key_projection_name=key_projection_name,
+            value_projection_name=value_projection_name,
+            output_projection_name=output_projection_name,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            kv_size_multiplier=kv_size_multiplier,
+            q_output_size_per_partition=num_attention_heads * head_dim // tp_size,
+            kv_output_size_per_partition=num_key_value_heads * kv_size_multiplier * head_dim // tp_size,
+            fuse_qkv=fuse_qkv,
+            bias=bias,
+            tp_size=tp_size,
+            kv_layout=kv_layout,
+        )
+
+    @property
+    def head_dim(self) -> int:
+        return self.q_output_size_per_partition * self.tp_size // self.num_attention_heads
+
+    @property
+    def _projection_names(self) -> dict[str, str]:
+        return {"q": self.query_projection_name, "k": self.key_projection_name, "v": self.value_projection_name}
+
+    @property
+    def _param_names(self) -> list[str]:
+        return ["weight", "bias"] if self.bias else ["weight"]
+
+    def _local_rows(self) -> dict[str, int]:
+        return {"q": self.q_output_size_per_partition, "k": self.kv_output_size_per_partition, "v": self.kv_output_size_per_partition}
+
+    # -- names ------------------------------------------------------------------------------------------------
+
+    def get_relevant_parameter_names(self, module_fully_qualified_name: str) -> set[str]:
+        m, gqa = module_fully_qualified_name, self.gqa_qkv_projection_name
+        originals = [*self._projection_names.values(), self.output_projection_name]
+        names = {f"{m}.{proj}.{p}" for proj in originals for p in self._param_names}
+        suffixes = ["qkv"] if self.fuse_qkv else list(QKV)
+        names |= {f"{m}.{gqa}.{p}_{s}" for p in self._param_names for s in suffixes}
+        for lora in ("lora_A", "lora_B"):
+            names |= {f"{m}.{proj}.{lora}.weight" for proj in originals}
+            names |= {f"{m}.{gqa}.{lora}.weight", f"{m}.{gqa}.{lora}.weight_qkv"}
+            names |= {f"{m}.{gqa}.{lora}.weight_{s}" for s in QKV}
+        return names
+
+    def guess_peft_type(self, model: torch.nn.Module, module_fully_qualified_name: str) -> str | None:
+        module = model.get_submodule(f"{module_fully_qualified_name}.{self.gqa_qkv_projection_name}")
+        return "lora" if hasattr(module, "lora_A") else None
+
+    def adapt_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
+        config = peft_targets.prepared(peft_config, inplace, type(self).__name__)
+        config.target_modules = peft_targets.add_fused_target(
+            config.target_modules, self.gqa_qkv_projection_name, list(self._projection_names.values())
+        )
+        return config
+
+    def to_original_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
+        config = peft_targets.prepared(peft_config, inplace, type(self).__name__)
+        config.target_modules = peft_targets.remove_fused_target(
+            config.target_modules, self.gqa_qkv_projection_name, list(self._projection_names.values())
+        )
+        return config
+
+    # -- original -> local --------------------------------------------------------------------------------------
+
+    def _local_rows_of(self, which: str, tensor: Any, tp_rank: int) -> torch.Tensor:
+        """This rank's rows of an original q/k/v tensor (weight, bias or lora_B), laid out for the GQA layer."""
+        if which == "q":
+            return create_query_or_output_projection_local_weight_from_regular_weight(
+                tensor, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, "query",
+                self.tp_size, tp_rank, self.kv_layout,
+            )
+        return create_kv_proj_local_weight_from_regular_weight(
+            tensor, self.kv_size_multiplier, self.kv_output_size_per_partition, self.tp_size, tp_rank,
+            self.num_key_value_heads, self.kv_layout,
+        )
+
+    def _check_rows(self, name: str, tensor: Any, which: str) -> None:
+        heads = self.num_attention_heads if which == "q" else self.num_key_value_heads
+        rows = tensor_shape(tensor)[0]
+        if rows != heads * self.head_dim:
+            raise SpecError(
+                f"{name}: expected {heads} heads x head_dim {self.head_dim} = {heads * self.head_dim} rows, found "
+                f"shape {tuple(tensor_shape(tensor))}"
+            )
+
+    def adapt_state_dict(
+        self, module_fully_qualified_name: str, state_dict: Mapping[str, Any], tp_rank: int
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        self._check_tp_rank(tp_rank)
+        m, gqa, proj = module_fully_qualified_name, self.gqa_qkv_projection_name, self._projection_names
+        local: dict[str, torch.Tensor] = {}
+        consumed: list[str] = []
+        for param in self._param_names:
+            names = {s: f"{m}.{proj[s]}.{param}" for s in QKV}
+            present = [n for n in names.values() if n in state_dict]
+            if present and len(present) != 3:
+                missing = [n for n in names.values() if n not in state_dict]
+                raise SpecError(f"{m}.{gqa}: missing original tensors {missing} to build the GQA QKV {param}")
+            if present:
+                parts = {}
+                for s in QKV:
+                    self._check_rows(names[s], state_dict[names[s]], s)
+                    parts[s] = self._local_rows_of(s, state_dict[names[s]], tp_rank)
+                if self.fuse_qkv:
+                    local[f"{m}.{gqa}.{param}_qkv"] = torch.cat([parts[s] for s in QKV], dim=0)
+                else:
+                    local.update({f"{m}.{gqa}.{param}_{s}": parts[s] for s in QKV})
+                consumed += list(names.values())
+        o_weight = f"{m}.{self.output_projection_name}.weight"
+        if o_weight in state_dict:
+            local[o_weight] = self._local_output(o_weight, state_dict[o_weight], tp_rank)
+            consumed.append(o_weight)
+        # LoRA: one pair per projection; lora_A full (column-parallel base), lora_B laid out like the base rows.
+        for s in QKV:
+            a, b = f"{m}.{proj[s]}.lora_A.weight", f"{m}.{proj[s]}.lora_B.weight"
+            if a in state_dict:
+                local[f"{m}.{gqa}.lora_A.weight_{s}"] = take_blocks(state_dict[a], 0, [(0, tensor_shape(state_dict[a])[0])])
+                consumed.append(a)
+            if b in state_dict:
+                self._check_rows(b, state_dict[b], s)
+                local[f"{m}.{gqa}.lora_B.weight_{s}"] = self._local_rows_of(s, state_dict[b], tp_rank)
+                consumed.append(b)
+        o_lora_a = f"{m}.{self.output_projection_name}.lora_A.weight"
+        if o_lora_a in state_dict:
+            local[o_lora_a] = self._local_output(o_lora_a, state_dict[o_lora_a], tp_rank)
+            consumed.append(o_lora_a)
+        return local, consumed
+
+    def _local_output(self, name: str, tensor: Any, tp_rank: int) -> torch.Tensor:
+        cols = tensor_shape(tensor)[1]
+        if cols != self.num_attention_heads * self.head_dim:
+            raise SpecError(
+                f"{name}: expected {self.num_attention_heads * self.head_dim} columns (query heads x head_dim), "
+                f"found shape {tuple(tensor_shape(tensor))}"
+            )
+        return create_query_or_output_projection_local_weight_from_regular_weight(
+            tensor, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, "output",
+            self.tp_size, tp_rank, self.kv_layout,
+        )
+
+    # -- local -> original --------------------------------------------------------------------------------------
+
+    def _query_order(self) -> torch.Tensor:
+        """Position of each original query head in the concatenation of all ranks' query heads."""
+        order = torch.cat([
+            self.compute_query_indices_for_rank(
+                self.tp_size, r, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, self.kv_layout
+            )
+            for r in range(self.tp_size)
+        ])
+        return torch.argsort(order)
+
+    def _unpermute_query(self, shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+        stacked = torch.cat(list(shards), dim=dim)
+        heads = stacked.unflatten(dim, (self.num_attention_heads, -1))
+        return heads.index_select(dim, self._query_order()).flatten(dim, dim + 1)
+
+    def _unreplicate_kv(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Rebuild the original key/value rows from replica 0 of every head."""
+        hd = self.head_dim
+        out = shards[0].new_empty((self.num_key_value_heads * hd, *shards[0].shape[1:]))
+        seen = set()
+        for rank, shard in enumerate(shards):
+            slots = kv_replicas_for_rank(self.tp_size, rank, self.num_key_value_heads, self.kv_size_multiplier, self.kv_layout)
+            for slot, (head, replica) in enumerate(slots):
+                if replica == 0:
+                    out[head * hd : (head + 1) * hd] = shard[slot * hd : (slot + 1) * hd]
+                    seen.add(head)
+        assert len(seen) == self.num_key_value_heads  # guaranteed by check_gqa_shape
+        return out
+
+    def _check_shards(self, name: str, shards: Sequence[torch.Tensor], rows: int) -> None:
+        for rank, shard in enumerate(shards):
+            if shard.shape[0] != rows:
+                raise SpecError(f"{name}: rank {rank} holds shape {tuple(shard.shape)}, expected {rows} rows")
+
+    def _split_qkv(self, name: str, shards: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
+        rows = self._local_rows()
+        self._check_shards(name, shards, sum(rows.values()))
+        split = [s.split([rows[x] for x in QKV], dim=0) for s in shards]
+        return {x: [parts[i] for parts in split] for i, x in enumerate(QKV)}
+
+    def _original_rows(self, which: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+        return (self._unpermute_query(shards, 0) if which == "q" else self._unreplicate_kv(shards)).contiguous()
+
+    def to_original_weights(
+        self,
+        module_fully_qualified_name: str,
+        sharded_state_dicts: Mapping[str, Sequence[torch.Tensor]],
+        parameters_metadata: Mapping[str, Mapping[str, Any]],
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        m, gqa, proj = module_fully_qualified_name, self.gqa_qkv_projection_name, self._projection_names
+        ssd = sharded_state_dicts
+        original: dict[str, torch.Tensor] = {}
+        consumed: list[str] = []
+
+        def rows_per_projection(prefix: str, fused_names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+            """Per-projection shards from either separate ``<prefix>_{q,k,v}`` or one fused tensor."""
+            found = {}
+            for fused in fused_names:
+                if fused in ssd:
+                    found.update(self._split_qkv(fused, self._ranks(fused, ssd)))
+                    consumed.append(fused)
+                    break
+            for s in QKV:
+                name = f"{prefix}_{s}"
+                if name in ssd:
+                    shards = self._ranks(name, ssd)
+                    self._check_shards(name, shards, self._local_rows()[s])
+                    found[s] = shards
+                    consumed.append(name)
+            return found
+
+        for param in self._param_names:
+            for s, shards in rows_per_projection(f"{m}.{gqa}.{param}", [f"{m}.{gqa}.{param}_qkv"]).items():
+                original[f"{m}.{proj[s]}.{param}"] = self._original_rows(s, shards)
+        o_weight = f"{m}.{self.output_projection_name}.weight"
+        if o_weight in ssd:
+            original[o_weight] = self._unpermute_query(self._ranks(o_weight, ssd), 1).contiguous()
+            consumed.append(o_weight)
+
+        # LoRA B (separate, or fused by optimum-neuron as lora_B.weight_qkv / lora_B.weight)
+        fused_b = [f"{m}.{gqa}.lora_B.weight_qkv", f"{m}.{gqa}.lora_B.weight"]
+        for s, shards in rows_per_projection(f"{m}.{gqa}.lora_B.weight", fused_b).items():
+            original[f"{m}.{proj[s]}.lora_B.weight"] = self._original_rows(s, shards)
+        # LoRA A: ours per projection, optimum-neuron's shared one duplicated for each projection it serves.
+        for s in QKV:
+            name = f"{m}.{gqa}.lora_A.weight_{s}"
+            if name in ssd:
+                original[f"{m}.{proj[s]}.lora_A.weight"] = self._ranks(name, ssd)[0].contiguous()
+                consumed.append(name)
+        shared = f"{m}.{gqa}.lora_A.weight"
+        if shared in ssd:
+            a = self._ranks(shared, ssd)[0]
+            for s in QKV:
+                original[f"{m}.{proj[s]}.lora_A.weight"] = a.clone()
+            consumed.append(shared)
+        o_lora_a = f"{m}.{self.output_projection_name}.lora_A.weight"
+        if o_lora_a in ssd:
+            original[o_lora_a] = self._unpermute_query(self._ranks(o_lora_a, ssd), 1).contiguous()
+            consumed.append(o_lora_a)
+        return original, consumed

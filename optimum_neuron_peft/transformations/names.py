@@ -1,0 +1,68 @@
+"""Parameter-name helpers for PEFT-wrapped models, done on name components rather than regexes over paths.
+
+A LoRA parameter name looks like ``<module>.lora_A.<adapter>.<param>`` in a model and ``<module>.lora_A.<param>``
+in a saved adapter (PEFT drops the adapter name when saving). The wrapped base layer appears as
+``<module>.base_layer.<param>``.
+"""
+
+from __future__ import annotations
+
+LORA_MODULE_NAMES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+BASE_LAYER = "base_layer"
+
+
+def _lora_component(parts: list[str]) -> int | None:
+    for i, part in enumerate(parts):
+        if part in LORA_MODULE_NAMES:
+            return i
+    return None
+
+
+def get_adapter_name(parameter_fully_qualified_name: str) -> str | None:
+    """The adapter name in ``...lora_A.<adapter>.weight``; None for names without one."""
+    parts = parameter_fully_qualified_name.split(".")
+    i = _lora_component(parts)
+    # The adapter name is there only when at least the adapter and a parameter name follow the LoRA module.
+    if i is None or len(parts) - i - 1 < 2:
+        return None
+    return parts[i + 1]
+
+
+def remove_adapter_name(name: str) -> str:
+    """``a.lora_A.default.weight`` -> ``a.lora_A.weight``; names without an adapter name are returned unchanged."""
+    parts = name.split(".")
+    i = _lora_component(parts)
+    if i is None or len(parts) - i - 1 < 2:
+        return name
+    return ".".join(parts[: i + 1] + parts[i + 2 :])
+
+
+def add_adapter_name(name: str, adapter_name: str) -> str:
+    """``a.lora_A.weight`` -> ``a.lora_A.<adapter>.weight`` (inverse of `remove_adapter_name`)."""
+    parts = name.split(".")
+    i = _lora_component(parts)
+    if i is None:
+        return name
+    return ".".join(parts[: i + 1] + [adapter_name] + parts[i + 1 :])
+
+
+def is_base_layer(name: str) -> bool:
+    return BASE_LAYER in name.split(".")
+
+
+def remove_base_layer(name: str) -> str:
+    """``a.base_layer.weight`` -> ``a.weight``."""
+    return ".".join(part for part in name.split(".") if part != BASE_LAYER)
+
+
+def is_lora_parameter(name: str) -> bool:
+    return _lora_component(name.split(".")) is not None
+
+
+def split_lora_name(name: str) -> tuple[str, str, str] | None:
+    """``m.lora_B.weight_q`` (adapter name removed) -> (``m``, ``lora_B``, ``weight_q``); None for other names."""
+    parts = name.split(".")
+    i = _lora_component(parts)
+    if i is None or i + 2 != len(parts):
+        return None
+    return ".".join(parts[:i]), parts[i], parts[i + 1]

@@ -1,0 +1,64 @@
+"""Spec-level rewriting of a LoRA config's ``target_modules`` between original and fused module names.
+
+The adapted set keeps the original projection names next to the fused name (``{"qkv_proj", "q_proj", "v_proj"}``):
+PEFT places LoRA on the fused module because its name is there, and the fused LoRA layer creates adapters only for
+the projections listed, so partial targets (only q and v) work. The original names match no module of the custom
+model, which PEFT accepts as long as some target matches.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+from ..errors import ConfigError
+
+LORA = "LORA"
+
+
+def _peft_type(peft_config: Any) -> str:
+    value = getattr(peft_config, "peft_type", None)
+    return str(getattr(value, "value", value)).upper()
+
+
+def prepared(peft_config: Any, inplace: bool, spec_name: str) -> Any:
+    if _peft_type(peft_config) != LORA:
+        raise ConfigError(
+            f"{spec_name}: PEFT type {_peft_type(peft_config)!r} is not supported; supported PEFT types: LORA"
+        )
+    return peft_config if inplace else copy.deepcopy(peft_config)
+
+
+def targeted_projections(target_modules: Any, projection_names: Sequence[str]) -> list[str]:
+    """The projections of a fused module that an (adapted or original) ``target_modules`` targets, in order."""
+    if target_modules == "all-linear":
+        return list(projection_names)
+    if isinstance(target_modules, str) or target_modules is None:
+        return []  # regexes are resolved against the model by adapt_peft_config_for_model
+    return [name for name in projection_names if name in target_modules]
+
+
+def _with(target_modules: Any, add: Sequence[str] = (), remove: Sequence[str] = ()) -> Any:
+    kind = type(target_modules)
+    items = [m for m in target_modules if m not in remove]
+    items += [m for m in add if m not in items]
+    return kind(items) if kind in (list, set, tuple) else set(items)
+
+
+def add_fused_target(target_modules: Any, fused_name: str, projection_names: Sequence[str]) -> Any:
+    if target_modules == "all-linear":
+        return target_modules  # expanded at model level, where the model's linears are known
+    if isinstance(target_modules, str) or target_modules is None:
+        return target_modules
+    if targeted_projections(target_modules, projection_names):
+        return _with(target_modules, add=[fused_name])
+    return target_modules
+
+
+def remove_fused_target(target_modules: Any, fused_name: str, projection_names: Sequence[str]) -> Any:
+    if isinstance(target_modules, str) or target_modules is None or fused_name not in target_modules:
+        return target_modules
+    if targeted_projections(target_modules, projection_names):
+        return _with(target_modules, remove=[fused_name])
+    # A config adapted by optimum-neuron lists only the fused name: it targeted every projection.
+    return _with(target_modules, add=list(projection_names), remove=[fused_name])
