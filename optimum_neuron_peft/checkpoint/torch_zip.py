@@ -156,9 +156,14 @@ class RestrictedUnpickler(pickle.Unpickler):
                 return _DTYPES[name]
             if name == "TensorReference" and module in _TENSOR_REFERENCE_MODULES:
                 return TensorReference
+        expected = (
+            "plain dict/list/str/int/float/bool/None data"
+            if self._persistent is None
+            else "tensor rebuild functions, storage types, dtypes and OrderedDict"
+        )
         raise UnsafePickleError(
-            f"{self._source}: refusing to load global '{module}.{name}' from a pickle; expected only tensor "
-            f"rebuild functions, storage types, dtypes and OrderedDict (the file is corrupted or malicious)"
+            f"{self._source}: refusing to load global '{module}.{name}' from a pickle; expected only {expected} "
+            f"(the file is corrupted or malicious)"
         )
 
     def persistent_load(self, pid: Any) -> Any:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..errors import ConfigError
+from .state import destroy_model_parallel
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -68,15 +69,14 @@ def _worker(
         payload = ("ok", pickle.dumps(fn(rank, world_size, *args)))
     except BaseException:
         payload = ("error", traceback.format_exc())
-    finally:
-        try:
-            from .state import destroy_model_parallel
-
-            destroy_model_parallel()
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    # Report before tearing down: a failed rank's peers only notice when its connections close, and the parent
+    # should see the root cause first.
     results.put((rank, *payload))
+    try:
+        destroy_model_parallel()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def spawn(
@@ -125,37 +125,47 @@ def spawn(
 def _collect(procs: list, results: Any, world_size: int, timeout_s: float) -> list[Any]:
     deadline = time.monotonic() + timeout_s
     outputs: dict[int, Any] = {}
+    errors: dict[int, str] = {}
     while len(outputs) < world_size:
         try:
             rank, status, payload = results.get(timeout=0.2)
         except queue_lib.Empty:
             dead = [r for r, p in enumerate(procs) if r not in outputs and p.exitcode not in (None, 0)]
             if dead:
-                _grace(results, outputs)  # a rank that died cleanly may still have its message in flight
-                if dead[0] not in outputs:
-                    raise WorkerError(
-                        f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without reporting a result",
-                        rank=dead[0],
-                    ) from None
+                _drain(results, outputs, errors, wait_s=0.5)  # a rank that exited may have a message in flight
+                if errors:
+                    break
+                raise WorkerError(
+                    f"rank {dead[0]} exited with code {procs[dead[0]].exitcode} without reporting a result",
+                    rank=dead[0],
+                ) from None
             if time.monotonic() > deadline:
                 missing = sorted(set(range(world_size)) - set(outputs))
                 raise WorkerError(f"spawn: ranks {missing} did not finish within {timeout_s:.0f} s") from None
             continue
         if status == "error":
-            raise WorkerError(f"rank {rank} failed:\n{payload}", rank=rank, remote_traceback=payload)
+            errors[rank] = payload
+            _drain(results, outputs, errors, wait_s=1.0)  # peers usually fail right after; show them all
+            break
         outputs[rank] = pickle.loads(payload)
+    if errors:
+        first = next(iter(errors))  # the first reported failure is the root cause; peers fail because of it
+        text = "\n".join(f"--- rank {rank} ---\n{tb}" for rank, tb in errors.items())
+        raise WorkerError(f"rank {first} failed:\n{text}", rank=first, remote_traceback=errors[first])
     return [outputs[rank] for rank in range(world_size)]
 
 
-def _grace(results: Any, outputs: dict[int, Any]) -> None:
-    try:
-        while True:
-            rank, status, payload = results.get(timeout=0.5)
-            if status == "error":
-                raise WorkerError(f"rank {rank} failed:\n{payload}", rank=rank, remote_traceback=payload)
+def _drain(results: Any, outputs: dict[int, Any], errors: dict[int, str], wait_s: float) -> None:
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            rank, status, payload = results.get(timeout=left)
+        except queue_lib.Empty:
+            return
+        if status == "error":
+            errors[rank] = payload
+        else:
             outputs[rank] = pickle.loads(payload)
-    except queue_lib.Empty:
-        pass
 
 
 def _stop(procs: list, grace_s: float) -> None:

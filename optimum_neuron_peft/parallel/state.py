@@ -45,6 +45,9 @@ class TensorParallel:
         if not isinstance(self.rank, int) or not 0 <= self.rank < self.size:
             raise ConfigError(f"TensorParallel.rank must be in [0, {self.size}), got {self.rank!r}")
 
+    def __deepcopy__(self, memo: dict) -> TensorParallel:
+        return self  # immutable, and a process group must be shared, not copied (deepcopy of a layer)
+
     @property
     def is_parallel(self) -> bool:
         """True when collectives must be issued (size > 1)."""

@@ -207,8 +207,20 @@ def check_mappings(tp: TensorParallel) -> None:
     y.backward(seq_gs[r])
     close(x.grad, torch.cat(seq_gs, 1), "reduce-scatter bwd", exact=True)
 
-    # The fallback used by backends without reduce_scatter must agree with the native collective.
+    # A backend without reduce_scatter must fall back (all-reduce + slice) to the same result.
     close(collectives.reduce_scatter_fallback(xs[r], 2, tp), shard(sum(xs), 2, n, r), "reduce-scatter fallback")
+    native = torch.distributed.reduce_scatter
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("reduce_scatter is not supported by this backend (simulated)")
+
+    torch.distributed.reduce_scatter = unsupported
+    try:
+        y = reduce_scatter_to_sequence_parallel_region(xs[r], 1, tp)
+        close(y, shard(sum(xs), 1, n, r), "reduce-scatter after the backend refused it")
+    finally:
+        torch.distributed.reduce_scatter = native
+        collectives._NO_REDUCE_SCATTER.clear()
     close(collectives.all_reduce_max(xs[r], tp), torch.stack(xs).amax(0), "all-reduce max", exact=True)
 
 
@@ -315,29 +327,32 @@ GQA_CONFIGS = [(8, 2, 1), (8, 2, 2), (8, 8, 1), (4, 1, 2), (4, 1, 4)]  # (H, K, 
 
 
 def cases(tp_size: int) -> dict[str, Callable[[TensorParallel], None]]:
-    table: dict[str, Callable[[TensorParallel], None]] = {"mappings": check_mappings}
+    t: dict[str, Callable[[TensorParallel], None]] = {"mappings": check_mappings}
     for bias in (True, False):
-        for gather in (True, False):
+        for on in (True, False):  # gather_output for column, input_is_parallel for row
             for sp in (False, True):
-                table[f"column[bias={bias:d},gather={gather:d},sp={sp:d}]"] = partial(check_column, bias=bias, gather_output=gather, sp=sp)
-                table[f"row[bias={bias:d},input_parallel={gather:d},sp={sp:d}]"] = partial(check_row, bias=bias, input_is_parallel=gather, sp=sp)
-    for gather in (True, False):
-        table[f"column[stride=2,gather={gather:d}]"] = partial(check_column, bias=True, gather_output=gather, sp=False, stride=2)
-    for padding_idx in (None, OUT - 1):
+                column = partial(check_column, bias=bias, gather_output=on, sp=sp)
+                t[f"column[bias={bias:d},gather={on:d},sp={sp:d}]"] = column
+                row = partial(check_row, bias=bias, input_is_parallel=on, sp=sp)
+                t[f"row[bias={bias:d},input_parallel={on:d},sp={sp:d}]"] = row
+    for on in (True, False):
+        t[f"column[stride=2,gather={on:d}]"] = partial(check_column, bias=True, gather_output=on, sp=False, stride=2)
+    for pad in (None, OUT - 1):
         for sp in (False, True):
-            table[f"embedding[padding={padding_idx},sp={sp:d}]"] = partial(check_embedding, padding_idx=padding_idx, sp=sp)
+            t[f"embedding[padding={pad},sp={sp:d}]"] = partial(check_embedding, padding_idx=pad, sp=sp)
     for three_d in (False, True):
-        table[f"cross_entropy[3d={three_d:d}]"] = partial(check_cross_entropy, three_d=three_d)
+        t[f"cross_entropy[3d={three_d:d}]"] = partial(check_cross_entropy, three_d=three_d)
     for H, K, m in GQA_CONFIGS:
         if gqa_shape_problem(tp_size, H, K, m) is not None:
             continue
+        gqa = partial(check_gqa, H=H, K=K, m=m)
         for fuse in (False, True):
             for bias in (False, True):
-                table[f"gqa[H={H},K={K},m={m},fuse={fuse:d},bias={bias:d}]"] = partial(check_gqa, H=H, K=K, m=m, fuse=fuse, bias=bias)
-        table[f"gqa[H={H},K={K},m={m},sp=1]"] = partial(check_gqa, H=H, K=K, m=m, fuse=True, bias=True, sp=True)
-        table[f"gqa[H={H},K={K},m={m},interleaved]"] = partial(check_gqa, H=H, K=K, m=m, fuse=False, bias=True, layout="interleaved")
-        table[f"gqa[H={H},K={K},m={m},accumulate=3]"] = partial(check_gqa, H=H, K=K, m=m, fuse=False, bias=True, accumulate=3)
-    return {f"tp{tp_size}/{name}": fn for name, fn in table.items()}  # fmt: skip
+                t[f"gqa[H={H},K={K},m={m},fuse={fuse:d},bias={bias:d}]"] = partial(gqa, fuse=fuse, bias=bias)
+        t[f"gqa[H={H},K={K},m={m},sp=1]"] = partial(gqa, fuse=True, bias=True, sp=True)
+        t[f"gqa[H={H},K={K},m={m},interleaved]"] = partial(gqa, fuse=False, bias=True, layout="interleaved")
+        t[f"gqa[H={H},K={K},m={m},accumulate=3]"] = partial(gqa, fuse=False, bias=True, accumulate=3)
+    return {f"tp{tp_size}/{name}": fn for name, fn in t.items()}
 
 
 def run_cases(tp: TensorParallel, only: list[str] | None = None) -> dict[str, str | None]:
@@ -361,7 +376,10 @@ def distributed_worker(rank: int, world_size: int, tp_sizes: list[int]) -> dict[
         initialize_model_parallel(tp_size)
         try:
             tp = TensorParallel.from_state()
-            state = (get_tensor_model_parallel_size(), get_tensor_model_parallel_rank(), get_data_parallel_size(), get_data_parallel_rank())
+            state = (
+                get_tensor_model_parallel_size(), get_tensor_model_parallel_rank(),
+                get_data_parallel_size(), get_data_parallel_rank(),
+            )  # fmt: skip
             expected = (tp_size, rank % tp_size, world_size // tp_size, rank // tp_size)
             results[f"tp{tp_size}/state"] = None if state == expected else f"state {state} != expected {expected}"
             results.update(run_cases(tp))
