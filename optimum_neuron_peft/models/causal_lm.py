@@ -1,0 +1,188 @@
+"""The decoder stack and causal-LM head shared by every supported architecture.
+
+`ParallelForCausalLM` holds what the four families have in common; a family (`llama`, `mistral`, `qwen3`,
+`granite`) is a subclass that only says how to read its Transformers config into an `ArchitectureConfig`.
+Parameter names are Transformers' names (``model.embed_tokens.weight``, ``model.layers.0.input_layernorm.weight``,
+``lm_head.weight``...), except inside the spec-covered modules (``self_attn.qkv_proj.weight_q``,
+``mlp.gate_up_proj.weight``), named like optimum-neuron's custom models.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..errors import ConfigError
+from ..parallel import (
+    TensorParallel,
+    allreduce_sequence_parallel_gradients,
+    get_data_parallel_rank,
+    gather_from_tensor_parallel_region,
+    parallel_cross_entropy,
+)
+from ..transformations import create_parameter_metadata, specialize_transformation_specs_for_model
+from ..transformations.metadata import model_transformation_specs
+from .config import ArchitectureConfig
+from .modules import DecoderLayer, RMSNorm, RotaryEmbedding, attention_masks, effective_window
+from .plan import ParallelPlan
+
+IGNORE_INDEX = -100
+
+
+class ParallelDecoderModel(nn.Module):
+    """Embedding, decoder layers and final norm (Transformers' ``<Family>Model``, registered as ``model``)."""
+
+    def __init__(self, hf_config: Any, config: ArchitectureConfig, plan: ParallelPlan) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = plan.embedding(config)
+        self.layers = nn.ModuleList(DecoderLayer(config, plan, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=plan.dtype, device=plan.device,
+                            sequence_parallel=plan.sequence_parallel)  # fmt: skip
+        self.rotary_emb = RotaryEmbedding(hf_config, config)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Hidden states after the final norm: (B, S, D), or (B, S/tp, D) under sequence parallelism."""
+        seq = input_ids.shape[1]
+        h = self.embed_tokens(input_ids)
+        if self.config.embedding_multiplier != 1.0:
+            h = h * self.config.embedding_multiplier
+        cos, sin = self.rotary_emb(seq, h.dtype, h.device)
+        windows = {effective_window(w, seq) for w in self.config.sliding_windows}
+        masks = attention_masks(attention_mask, seq, windows, h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, masks)
+        return self.norm(h)
+
+
+class ParallelForCausalLM(nn.Module):
+    """A tensor-parallel causal LM loading Transformers checkpoints; see `AutoModelForCausalLM.from_pretrained`.
+
+    Subclasses set ``model_type``, ``architectures`` and `architecture_config`.
+    """
+
+    model_type: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, hf_config: Any, plan: ParallelPlan | None = None) -> None:
+        super().__init__()
+        plan = plan or ParallelPlan(TensorParallel.from_state())
+        self.config = hf_config  # the Transformers config
+        self.arch = arch = self.architecture_config(hf_config)
+        plan.check(arch)
+        self.plan = plan
+        self.tp = plan.tp
+        self.model = ParallelDecoderModel(hf_config, arch, plan)
+        self.lm_head = plan.lm_head(arch)
+        if arch.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # both vocab-sharded along dim 0: same slices
+        specialize_transformation_specs_for_model(self)
+
+    @classmethod
+    def architecture_config(cls, hf_config: Any) -> ArchitectureConfig:
+        raise NotImplementedError
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+        return_local_logits: bool = False,
+    ) -> CausalLMOutputWithPast:
+        """Causal-LM forward; ``loss`` is Transformers' (shifted labels, -100 ignored, mean), equal on every rank.
+
+        ``logits`` are the full-vocabulary logits (B, S, V), all-gathered over the tensor-parallel group; with
+        ``return_local_logits`` they are this rank's vocab slice (B, S, V/tp) and nothing is gathered; with
+        ``return_logits=False`` they are None (training: the loss never needs the gathered logits).
+        """
+        self._check_inputs(input_ids, attention_mask, labels)
+        hidden = self.model(input_ids, attention_mask)
+        local_logits = self.lm_head(hidden)  # (B, S, V/tp): the column-parallel head gathers the sequence shards
+        if self.arch.logits_scaling != 1.0:
+            local_logits = local_logits / self.arch.logits_scaling
+        loss = None if labels is None else self.loss(local_logits, labels)
+        logits = None
+        if return_logits:
+            logits = local_logits if return_local_logits else gather_from_tensor_parallel_region(local_logits, self.tp)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def loss(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross entropy of next-token prediction over the tokens whose shifted label is not -100."""
+        shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+        per_token = parallel_cross_entropy(local_logits, shifted, ignore_index=IGNORE_INDEX, tp=self.tp)
+        return per_token.sum() / (shifted != IGNORE_INDEX).sum()
+
+    def _check_inputs(self, input_ids, attention_mask, labels) -> None:
+        if input_ids.dim() != 2:
+            raise ConfigError(f"input_ids must be (batch, sequence), got shape {tuple(input_ids.shape)}")
+        for name, value in (("attention_mask", attention_mask), ("labels", labels)):
+            if value is not None and value.shape != input_ids.shape:
+                raise ConfigError(f"{name} must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(value.shape)}")
+        if self.plan.sequence_parallel and input_ids.shape[1] % self.tp.size != 0:
+            raise ConfigError(
+                f"sequence parallelism needs a sequence length divisible by the tensor-parallel size {self.tp.size}, "
+                f"got {input_ids.shape[1]}; pad the batch to a multiple of {self.tp.size}"
+            )
+
+    def allreduce_sequence_parallel_gradients(self) -> None:
+        """Complete the gradients of the norm weights (and row-parallel biases) under sequence parallelism.
+
+        Call once after the last backward of an optimizer step, before clipping; a no-op without sequence
+        parallelism.
+        """
+        if self.plan.sequence_parallel:
+            allreduce_sequence_parallel_gradients(self, self.tp)
+
+    # -- weights ----------------------------------------------------------------------------------------------
+
+    def original_parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor expected in the Transformers checkpoint, with its full shape."""
+        a = self.arch
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab_size, a.hidden_size)}
+        for i, layer in enumerate(self.model.layers):
+            shapes.update(layer.original_shapes(f"model.layers.{i}", a))
+        shapes["model.norm.weight"] = (a.hidden_size,)
+        if not a.tie_word_embeddings:
+            shapes["lm_head.weight"] = (a.vocab_size, a.hidden_size)
+        return shapes
+
+    def transformation_specs(self) -> list:
+        """The `ModelWeightTransformationSpecs` of every custom module (for `to_original_weights`)."""
+        return model_transformation_specs(self)
+
+    def parameters_metadata(self) -> dict[str, Any]:
+        """Tensor-parallel metadata of the parameters and specs (FORMATS.md section 3)."""
+        return create_parameter_metadata(self)
+
+    def sharded_state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's parameters by name (tied weights once, under ``model.embed_tokens.weight``)."""
+        return {name: param.detach() for name, param in self.named_parameters()}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> Path:
+        """Write this model in the project's sharded checkpoint format (`optimum_neuron_peft.checkpoint.save`).
+
+        Collective over the tensor-parallel group when tp > 1: every tp rank of data-parallel replica 0 must call
+        it (other replicas return without writing). ``kwargs`` go to the checkpoint writer (``overwrite``,
+        ``extra_files``).
+        """
+        from ..checkpoint.save import save_sharded_checkpoint, save_sharded_checkpoint_distributed
+
+        metadata = self.parameters_metadata()
+        config = self.config.to_dict()
+        if not self.tp.is_parallel:
+            return save_sharded_checkpoint(save_directory, {(0, 0): self.sharded_state_dict()}, {0: metadata},
+                                           config=config, **kwargs)  # fmt: skip
+        if get_data_parallel_rank() != 0:
+            return Path(save_directory)
+        return save_sharded_checkpoint_distributed(
+            save_directory, self.sharded_state_dict(), metadata, tp_rank=self.tp.rank, tp_size=self.tp.size,
+            group=self.tp.group, config=config, **kwargs,
+        )  # fmt: skip

@@ -1,0 +1,21 @@
+"""Qwen3: Llama with per-head RMSNorms on queries and keys (before rotary), and optional per-layer sliding windows.
+
+``q_norm`` / ``k_norm`` weights have head_dim entries and are replicated on every rank; each rank applies them to
+its own heads, so their gradients are summed over the tensor-parallel group in backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .causal_lm import ParallelForCausalLM
+from .config import ArchitectureConfig, architecture_config
+
+
+class Qwen3ForCausalLM(ParallelForCausalLM):
+    model_type = "qwen3"
+    architectures = ("Qwen3ForCausalLM",)
+
+    @classmethod
+    def architecture_config(cls, hf_config: Any) -> ArchitectureConfig:
+        return architecture_config(hf_config, qk_norm=True, per_layer_sliding=True)
