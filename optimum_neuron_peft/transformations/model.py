@@ -45,23 +45,33 @@ def _configs(peft_config: Any) -> list[Any]:
 
 
 def adapt_peft_config_for_model(model: torch.nn.Module, peft_config: Any, inplace: bool = False) -> Any:
-    """Rewrite a LoRA config (or {adapter name: config}) written with original module names for the custom model."""
+    """Rewrite a LoRA config (or {adapter name: config}) written with original module names for the custom model.
+
+    Regexes, ``"all-linear"``, partial targets of fused modules, ``layers_to_transform``, rank / alpha patterns and
+    ``modules_to_save`` are handled against the model (`optimum_neuron_peft.peft.config`); the result also registers
+    our parallel LoRA layers with PEFT. Raises `ConfigError` for configs that cannot work (nothing targeted,
+    unsupported PEFT type, DoRA...).
+    """
+    from ..peft.config import adapt_lora_config  # the PEFT integration builds on this package, not the reverse
+
     adapted = peft_config if inplace else copy.deepcopy(peft_config)
-    for specs in model_transformation_specs(model):
-        for spec in specs:
-            for config in _configs(adapted):
-                spec.adapt_peft_config(config, inplace=True)
-    return adapted
+    if isinstance(adapted, dict):
+        for name, config in adapted.items():
+            adapted[name] = adapt_lora_config(model, config, inplace=True)
+        return adapted
+    return adapt_lora_config(model, adapted, inplace=True)
 
 
 def to_original_peft_config_for_model(model: torch.nn.Module, peft_config: Any, inplace: bool = False) -> Any:
-    """Inverse of `adapt_peft_config_for_model`."""
+    """Inverse of `adapt_peft_config_for_model`: ``to_original(adapt(c)) == c``."""
+    from ..peft.config import to_original_lora_config
+
     restored = peft_config if inplace else copy.deepcopy(peft_config)
-    for specs in model_transformation_specs(model):
-        for spec in specs:
-            for config in _configs(restored):
-                spec.to_original_peft_config(config, inplace=True)
-    return restored
+    if isinstance(restored, dict):
+        for name, config in restored.items():
+            restored[name] = to_original_lora_config(model, config, inplace=True)
+        return restored
+    return to_original_lora_config(model, restored, inplace=True)
 
 
 def normalize_parameters_metadata(

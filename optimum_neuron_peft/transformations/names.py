@@ -8,6 +8,9 @@ in a saved adapter (PEFT drops the adapter name when saving). The wrapped base l
 from __future__ import annotations
 
 LORA_MODULE_NAMES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
+# PEFT keeps these as ParameterDicts: ``<module>.lora_embedding_A.<adapter>`` in a model, ``<module>.lora_embedding_A``
+# in a saved adapter, so a single component after them is the adapter name.
+LORA_PARAMETER_DICT_NAMES = frozenset({"lora_embedding_A", "lora_embedding_B"})
 BASE_LAYER = "base_layer"
 
 
@@ -18,12 +21,20 @@ def _lora_component(parts: list[str]) -> int | None:
     return None
 
 
+def _has_adapter_name(parts: list[str], i: int | None) -> bool:
+    if i is None:
+        return False
+    following = len(parts) - i - 1
+    # ``lora_A.<adapter>.weight``: the adapter name and a parameter name follow the LoRA module;
+    # ``lora_embedding_A.<adapter>``: only the adapter name follows (a ParameterDict entry).
+    return following == 1 if parts[i] in LORA_PARAMETER_DICT_NAMES else following >= 2
+
+
 def get_adapter_name(parameter_fully_qualified_name: str) -> str | None:
-    """The adapter name in ``...lora_A.<adapter>.weight``; None for names without one."""
+    """The adapter name in ``...lora_A.<adapter>.weight`` / ``...lora_embedding_A.<adapter>``; None without one."""
     parts = parameter_fully_qualified_name.split(".")
     i = _lora_component(parts)
-    # The adapter name is there only when at least the adapter and a parameter name follow the LoRA module.
-    if i is None or len(parts) - i - 1 < 2:
+    if not _has_adapter_name(parts, i):
         return None
     return parts[i + 1]
 
@@ -32,7 +43,7 @@ def remove_adapter_name(name: str) -> str:
     """``a.lora_A.default.weight`` -> ``a.lora_A.weight``; names without an adapter name are returned unchanged."""
     parts = name.split(".")
     i = _lora_component(parts)
-    if i is None or len(parts) - i - 1 < 2:
+    if not _has_adapter_name(parts, i):
         return name
     return ".".join(parts[: i + 1] + parts[i + 2 :])
 
