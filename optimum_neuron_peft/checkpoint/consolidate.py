@@ -1,0 +1,373 @@
+"""Streaming consolidation: sharded checkpoint (ours or optimum-neuron's) -> Transformers / PEFT directories.
+
+Plan, then stream. Opening the checkpoint validates every file and groups the saved tensors (see `source`); the
+plan runs every group through its spec on meta tensors, which yields every output name, dtype and shape (and
+catches metadata that disagrees with the files) before any data is read or any output exists. Then, one group
+at a time: read the group's tensors from every rank (exact byte ranges, nothing else of the file), rebuild the
+original weights, cast if asked, append them to their output shard, free them. Peak memory is about twice the
+largest group (its shards plus the rebuilt weights), whatever the model size.
+
+Output layout (``OUTPUT_DIR``):
+
+- model only, or ``--adapter NAME``, or a single adapter without model: that directory at ``OUTPUT_DIR``;
+- model and adapters: the model at ``OUTPUT_DIR``, each adapter at ``OUTPUT_DIR/<adapter name>/``;
+- several adapters without model: ``OUTPUT_DIR/<adapter name>/`` each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+from tqdm import tqdm
+
+from ..errors import CheckpointError
+from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
+from ..transformations.model import to_original_weights
+from ..transformations.peft_targets import remove_fused_target
+from ..utils.atomic import atomic_output_dir, check_output_dir
+from .lazy import read_exact_into
+from .hf_output import OutputFormat, WeightsWriter, parse_max_shard_size
+from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
+from .stream_writer import TensorPlan
+
+PEFT_PREFIX = "base_model.model."
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
+# Test hook: seconds to sleep after each group, so a test can kill a consolidation half-way.
+SLEEP_ENV = "OPTIMUM_NEURON_PEFT_TEST_SLEEP_PER_GROUP"
+
+
+@dataclass
+class GroupPlan:
+    stage: Stage
+    group: Group
+    outputs: list[tuple[str, TensorPlan]]  # (original name as produced by the spec, planned output tensor)
+
+
+@dataclass
+class TargetPlan:
+    """One output directory: the model (Transformers) or one adapter (PEFT)."""
+
+    part: Part
+    subdir: str
+    groups: list[GroupPlan]
+    adapter_config: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> Literal["model", "adapter"]:
+        return "model" if self.part.adapter_name is None else "adapter"
+
+    @property
+    def plans(self) -> list[TensorPlan]:
+        return [plan for g in self.groups for _, plan in g.outputs]
+
+
+@dataclass
+class ConsolidationResult:
+    output_dir: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    directories: dict[str, Path] = field(default_factory=dict)  # "model" / adapter name -> directory
+
+    def summary(self) -> str:
+        rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return (
+            f"consolidated {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
+            f"({rate:.2f} GB/s) -> {self.output_dir}"
+        )
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; expected one of bf16, fp16, fp32") from None
+
+
+def _cast(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def original_weights(stage: Stage, group: Group, shards: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return to_original_weights(group.specs, shards, stage.parameters)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Planning
+
+
+def _group_key(stage: Stage, group: Group) -> tuple | None:
+    """Groups of the same structure (every decoder layer's attention, every MLP...) have the same output shapes
+    once names are taken relative to the module: the key of that structure, None for a parameter without spec."""
+    if not group.specs:
+        return None
+    module = group.specs[0].module_fully_qualified_name
+    specs = json.dumps([[[type(s).__name__, s.to_dict()] for s in g] for g in group.specs], sort_keys=True)
+    inputs = tuple(
+        (name[len(module):], tuple(stage.tensors[0][name].shape), stage.tensors[0][name].dtype,
+         json.dumps(stage.parameters.get(name), sort_keys=True))
+        for name in group.names
+    )
+    return module, specs, inputs
+
+
+def _output_shapes(stage: Stage, group: Group, cache: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """(original name, shape, dtype) of every tensor the group rebuilds, without reading data."""
+    key = _group_key(stage, group)
+    if key is None:
+        (name,) = group.names
+        lazy, entry = stage.tensors[0][name], stage.parameters[name]
+        shape = list(lazy.shape)
+        if entry.get("tensor_model_parallel"):
+            if not 0 <= entry["partition_dim"] < len(shape):
+                raise CheckpointError(f"{stage.metadata_file}: '{name}' has partition_dim {entry['partition_dim']} but is {len(shape)}-D in {stage.rank_files[0].name}")
+            shape[entry["partition_dim"]] *= len(stage.tensors)
+        return [(name, tuple(shape), lazy.dtype)]
+    module, structure = key[0], key[1:]
+    if structure not in cache:
+        dry = checked(lambda: original_weights(stage, group, stage.dry(group)), stage, "rebuilding the original weights")
+        if any(not n.startswith(module) for n in dry):
+            raise CheckpointError(f"{stage.metadata_file}: the specs of {module} produce tensors outside the module")
+        cache[structure] = [(n[len(module):], tuple(t.shape), t.dtype) for n, t in dry.items()]
+    return [(module + rel, shape, dtype) for rel, shape, dtype in cache[structure]]
+
+
+def plan_part(part: Part, dtype: torch.dtype | None) -> list[GroupPlan]:
+    plans = []
+    seen: dict[str, Path] = {}
+    cache: dict = {}
+    prefix = "" if part.adapter_name is None else PEFT_PREFIX
+    for stage in part.stages:
+        for group in stage.groups:
+            outputs = []
+            for name, shape, tensor_dtype in _output_shapes(stage, group, cache):
+                out = prefix + name
+                if out in seen:
+                    raise CheckpointError(f"{stage.rank_files[0]}: output tensor '{out}' is produced twice")
+                seen[out] = stage.rank_files[0]
+                cast = dtype if dtype is not None and tensor_dtype.is_floating_point else tensor_dtype
+                outputs.append((name, TensorPlan(out, cast, shape)))
+            plans.append(GroupPlan(stage, group, outputs))
+    return plans
+
+
+def _fused_names_of(specs) -> list[tuple[str, tuple[str, ...]]]:
+    """(fused module name, its original projections) for each spec of a module."""
+    names = []
+    for spec in specs:
+        if isinstance(spec, GQAQKVColumnParallelLinearSpec):
+            names.append((spec.gqa_qkv_projection_name, (spec.query_projection_name, spec.key_projection_name, spec.value_projection_name)))
+        elif isinstance(spec, FusedLinearsSpec):
+            names.append((spec.fused_linear_name, tuple(spec.linear_names)))
+    return names
+
+
+def _fused_names(part: Part) -> list[tuple[str, tuple[str, ...]]]:
+    return list(dict.fromkeys(n for specs in part.all_specs for n in _fused_names_of(specs)))
+
+
+def _targeted(target_modules: Any, module: str) -> bool:
+    """PEFT's matching: a regex string matches the full module name, a list matches the name or its suffix."""
+    if target_modules in (None, "all-linear"):
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in target_modules)
+
+
+def _shared_lora_projections(group: Group) -> set[str]:
+    """Original projections served by an optimum-neuron shared lora_A / fused lora_B saved in ``group``."""
+    out: set[str] = set()
+    for specs in group.specs:
+        m = specs.module_fully_qualified_name
+        for fused, projections in _fused_names_of(specs):
+            names = {f"{m}.{fused}.lora_A.weight", f"{m}.{fused}.lora_B.weight", f"{m}.{fused}.lora_B.weight_qkv"}
+            if names & set(group.names):
+                out |= {f"{m}.{p}" for p in projections}
+    return out
+
+
+def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any]:
+    """The checkpoint's ``adapter_config.json`` with ``target_modules`` in original names, checked against the
+    LoRA tensors. LoRA outputs of projections the config does not target are dropped when they come from
+    optimum-neuron's shared ``lora_A`` (a fused module's adapter serves all its projections); otherwise a mismatch
+    is an error."""
+    path = part.adapter_config
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, TypeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: expected the adapter's config JSON, could not read it ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    targets = config.get("target_modules")
+    if isinstance(targets, list):
+        for fused, projections in _fused_names(part):
+            targets = remove_fused_target(targets, fused, list(projections))
+        targets = sorted(targets)
+        config["target_modules"] = targets
+    produced: set[str] = set()
+    for plan in groups:
+        droppable = _shared_lora_projections(plan.group)
+        kept = []
+        for name, tensor_plan in plan.outputs:
+            module = lora_module_of(name)
+            if module is None:
+                raise CheckpointError(f"{plan.stage.rank_files[0]}: adapter file holds '{name}', which is not a LoRA tensor")
+            if not _targeted(targets, module):
+                if module in droppable:
+                    continue
+                raise CheckpointError(
+                    f"{path}: target_modules {targets} does not target {module}, which has LoRA tensors in "
+                    f"{plan.stage.rank_files[0].name}"
+                )
+            produced.add(module.rsplit(".", 1)[-1])
+            kept.append((name, tensor_plan))
+        plan.outputs = kept
+    if isinstance(targets, list):
+        missing = sorted(set(targets) - produced)
+        if missing:
+            raise CheckpointError(f"{path}: target_modules lists {missing} but the checkpoint has no LoRA tensors for them")
+    return config
+
+
+def plan_consolidation(
+    checkpoint_dir: str | os.PathLike, *, adapter: str | None = None, dtype: str | torch.dtype | None = None,
+    check_checksums: bool = False,
+) -> tuple[Any, list[TargetPlan]]:
+    checkpoint = open_checkpoint(checkpoint_dir, check_checksums=check_checksums)
+    parts = select_parts(checkpoint, adapter, source_format_of(checkpoint))
+    cast = parse_dtype(dtype)
+    has_model = any(p.adapter_name is None for p in parts)
+    at_root = has_model or len(parts) == 1
+    targets = []
+    for part in parts:
+        subdir = "" if part.adapter_name is None or (at_root and not has_model) else part.adapter_name
+        groups = plan_part(part, cast)
+        target = TargetPlan(part, subdir, groups)
+        if part.adapter_name is not None:
+            target.adapter_config = restore_adapter_config(part, groups)
+        targets.append(target)
+    return checkpoint, targets
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def stream_target(target: TargetPlan, directory: Path, writer: WeightsWriter, dtype: torch.dtype | None, on_bytes: Callable[[int], None]) -> int:
+    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    count = 0
+    for plan in target.groups:
+        if not plan.outputs:
+            continue
+        original = _read_plain_parameter(plan)
+        if original is None:
+            shards = plan.stage.load(plan.group)
+            original = checked(lambda: original_weights(plan.stage, plan.group, shards), plan.stage, "rebuilding the original weights")
+            del shards
+        for name, tensor_plan in plan.outputs:
+            tensor = _cast(original.pop(name), dtype)
+            writer.write(tensor_plan.name, tensor)
+            on_bytes(tensor_plan.nbytes)
+            count += 1
+            del tensor
+        del original
+        if sleep:
+            time.sleep(sleep)
+    return count
+
+
+def _read_plain_parameter(plan: GroupPlan) -> dict[str, torch.Tensor] | None:
+    """Fast path for a parameter without spec that is replicated (read rank 0 only) or sharded along dim 0 with
+    stride 1 (each rank's bytes read straight into its rows of the output: no concatenation copy). None otherwise."""
+    if plan.group.specs:
+        return None
+    (name,) = plan.group.names
+    entry = plan.stage.parameters[name]
+    ranks = [tensors[name] for tensors in plan.stage.tensors]
+    if not entry.get("tensor_model_parallel"):
+        return {name: ranks[0].load()}
+    if entry["partition_dim"] != 0 or entry.get("partition_stride", 1) != 1 or not all(r.is_dense() for r in ranks):
+        return None
+    rows = ranks[0].shape[0]
+    out = torch.empty((rows * len(ranks), *ranks[0].shape[1:]), dtype=ranks[0].dtype)
+    for i, lazy in enumerate(ranks):
+        if lazy.numel:
+            read_exact_into(lazy.file, lazy.offset + lazy.storage_offset * lazy.itemsize, out.narrow(0, i * rows, rows))
+    return {name: out}
+
+
+def _check_not_inside(checkpoint_dir: Path, output_dir: Path) -> None:
+    src, out = checkpoint_dir.resolve(), output_dir.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise CheckpointError(f"{output_dir}: the output directory must not contain or be inside the input {checkpoint_dir}")
+
+
+def consolidate(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    format: OutputFormat = "safetensors",
+    max_shard_size: int | str = "5GB",
+    adapter: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    check_checksums: bool = False,
+    progress: bool = False,
+) -> ConsolidationResult:
+    """Consolidate ``checkpoint_dir`` (our sharded format or optimum-neuron's) into ``output_dir``.
+
+    Writes a Transformers model directory (config/tokenizer files copied, ``model.safetensors`` or shards with
+    an index past ``max_shard_size``) and/or vanilla PEFT adapter directories (layout in the module docstring).
+    ``dtype`` casts floating tensors. ``verify`` re-derives every rank's shards from the output and compares them
+    bit for bit before the output is published (with ``dtype``, against the input cast to it). The output is
+    written atomically; a non-empty ``output_dir`` is refused unless ``overwrite``. Raises `CheckpointError`.
+    """
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    _check_not_inside(checkpoint_dir, output_dir)
+    check_output_dir(output_dir, overwrite)
+    if format not in ("safetensors", "pytorch"):
+        raise CheckpointError(f"output format must be 'safetensors' or 'pytorch', got {format!r}")
+    parse_max_shard_size(max_shard_size)
+    cast = parse_dtype(dtype)
+    start = time.perf_counter()
+    checkpoint, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
+    total = sum(p.nbytes for t in targets for p in t.plans)
+    count = 0
+    directories = {}
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="consolidate", disable=not progress) as bar:
+            for target in targets:
+                directory = tmp / target.subdir if target.subdir else tmp
+                directory.mkdir(parents=True, exist_ok=True)
+                writer = WeightsWriter(directory, target.plans, kind=target.kind, format=format, max_shard_size=max_shard_size)
+                try:
+                    count += stream_target(target, directory, writer, cast, bar.update)
+                    writer.close()
+                except BaseException:
+                    writer.abort()
+                    raise
+                if target.kind == "model":
+                    for path in [checkpoint.config_file, *checkpoint.extra_files]:
+                        if path is not None:
+                            shutil.copyfile(path, directory / Path(path).name)
+                else:
+                    (directory / "adapter_config.json").write_text(json.dumps(target.adapter_config, indent=2) + "\n")
+                directories["model" if target.kind == "model" else target.part.adapter_name] = output_dir / target.subdir
+        if verify:
+            from .verify import verify_targets
+
+            verify_targets(targets, tmp, dtype=cast)
+    return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, directories)

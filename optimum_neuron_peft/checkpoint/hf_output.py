@@ -1,0 +1,113 @@
+"""Writers of Transformers / PEFT weight files (FORMATS.md section 1), fed one tensor at a time.
+
+The whole list of output tensors (name, dtype, shape) is known before any data is read, so the shard split
+(`huggingface_hub.split_torch_state_dict_into_shards`, run on meta tensors) and every safetensors header are fixed
+up front; each tensor is then appended to its shard as soon as it is produced. The ``pytorch`` format has no
+streaming writer: a ``.bin`` shard is held in memory until complete (bounded by ``max_shard_size``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from huggingface_hub.serialization._base import parse_size_to_int
+
+from ..errors import CheckpointError
+from .stream_writer import SafetensorsStreamWriter, TensorPlan
+
+OutputFormat = Literal["safetensors", "pytorch"]
+_NAMES = {
+    ("model", "safetensors"): ("model.safetensors", "model{suffix}.safetensors", "model.safetensors.index.json"),
+    ("model", "pytorch"): ("pytorch_model.bin", "pytorch_model{suffix}.bin", "pytorch_model.bin.index.json"),
+    ("adapter", "safetensors"): ("adapter_model.safetensors", None, None),
+    ("adapter", "pytorch"): ("adapter_model.bin", None, None),
+}
+
+
+def parse_max_shard_size(value: int | str) -> int:
+    try:
+        size = value if isinstance(value, int) else parse_size_to_int(str(value))
+    except ValueError:
+        raise CheckpointError(f"max shard size {value!r} is not a size such as '5GB', '500MB' or an int") from None
+    if size <= 0:
+        raise CheckpointError(f"max shard size must be positive, got {value!r}")
+    return size
+
+
+class WeightsWriter:
+    """Write planned tensors into ``directory`` as Transformers (``kind="model"``, sharded past ``max_shard_size``)
+    or PEFT (``kind="adapter"``, one file) weights. Call `write` in plan order, then `close`."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        plans: Iterable[TensorPlan],
+        *,
+        kind: Literal["model", "adapter"] = "model",
+        format: OutputFormat = "safetensors",
+        max_shard_size: int | str = "5GB",
+    ):
+        if format not in ("safetensors", "pytorch"):
+            raise CheckpointError(f"output format must be 'safetensors' or 'pytorch', got {format!r}")
+        self.directory = Path(directory)
+        self.format = format
+        self.plans = {p.name: p for p in plans}
+        single, pattern, self.index_name = _NAMES[(kind, format)]
+        if pattern is None:
+            self.files = {single: list(self.plans)}
+            self.index = None
+        else:
+            meta = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in self.plans.items()}
+            split = split_torch_state_dict_into_shards(meta, filename_pattern=pattern, max_shard_size=parse_max_shard_size(max_shard_size))
+            self.files = {name: list(tensors) for name, tensors in split.filename_to_tensors.items()}
+            self.index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)} if split.is_sharded else None
+        self.file_of = {t: f for f, names in self.files.items() for t in names}
+        self._open: dict[str, SafetensorsStreamWriter | dict[str, torch.Tensor]] = {}
+        self._remaining = {f: len(names) for f, names in self.files.items()}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file = self.file_of.get(name)
+        if file is None:
+            raise CheckpointError(f"{self.directory}: tensor '{name}' was not planned")
+        writer = self._open.get(file)
+        if writer is None:
+            if self.format == "safetensors":
+                writer = SafetensorsStreamWriter(self.directory / file, [self.plans[n] for n in self.files[file]], {"format": "pt"})
+            else:
+                writer = {}
+            self._open[file] = writer
+        if isinstance(writer, dict):
+            plan = self.plans[name]
+            if tensor.dtype != plan.dtype or tuple(tensor.shape) != plan.shape:
+                raise CheckpointError(f"{self.directory / file}: tensor '{name}' differs from its plan")
+            writer[name] = tensor.contiguous()
+        else:
+            writer.write(name, tensor)
+        self._remaining[file] -= 1
+        if self._remaining[file] == 0:
+            if isinstance(writer, dict):
+                torch.save(writer, self.directory / file)
+            else:
+                writer.close()
+            self._open[file] = None  # type: ignore[assignment]
+
+    def close(self) -> list[Path]:
+        unfinished = [f for f, left in self._remaining.items() if left]
+        if unfinished:
+            for writer in self._open.values():
+                if isinstance(writer, SafetensorsStreamWriter):
+                    writer.abort()
+            raise CheckpointError(f"{self.directory / unfinished[0]}: closed before all its tensors were written")
+        if self.index is not None:
+            (self.directory / self.index_name).write_text(json.dumps(self.index, indent=2, sort_keys=True) + "\n")
+        return [self.directory / f for f in self.files]
+
+    def abort(self) -> None:
+        for writer in self._open.values():
+            if isinstance(writer, SafetensorsStreamWriter):
+                writer.abort()

@@ -1,0 +1,228 @@
+"""A sharded checkpoint (ours or optimum-neuron's) as stages of validated, lazily read tensor groups.
+
+A *group* is the unit of streaming: the saved tensors one `ModelWeightTransformationSpecs` touches (e.g. q/k/v and
+o_proj of one attention block), or one parameter no spec covers. Consolidation, verification and resharding load
+one group from every rank at a time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from ..errors import CheckpointError, OptimumNeuronPeftError
+from ..transformations import ModelWeightTransformationSpecs, parse_metadata
+from ..transformations.model import normalize_parameters_metadata
+from ..transformations.names import remove_base_layer
+from .lazy import LazyTensor, open_safetensors
+from .optimum_neuron import OptimumNeuronCheckpoint, ShardedPart, open_rank_file
+from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
+from .sharded import ShardedCheckpoint, is_sharded_checkpoint
+
+Checkpoint = ShardedCheckpoint | OptimumNeuronCheckpoint
+
+
+def open_checkpoint(path: str | os.PathLike, *, check_checksums: bool = False) -> Checkpoint:
+    """Our format when ``path/manifest.json`` exists, else optimum-neuron's. One-line `CheckpointError` otherwise."""
+    root = Path(path)
+    if root.is_dir() and not any(root.iterdir()):
+        raise CheckpointError(f"{root}: expected a sharded checkpoint, found an empty directory")
+    if is_sharded_checkpoint(root):
+        return ShardedCheckpoint.open(root, check_checksums=check_checksums)
+    return OptimumNeuronCheckpoint.discover(root)
+
+
+def dry_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zero tensor of ``shape`` that takes no memory (one element, expanded): used to run specs for shapes only.
+
+    Meta tensors would do the same, but the first ``torch.cat`` on meta tensors imports torch._dynamo (seconds).
+    """
+    return torch.zeros((), dtype=dtype).expand(tuple(shape))
+
+
+@dataclass
+class Group:
+    specs: list[ModelWeightTransformationSpecs]  # zero or one
+    names: list[str]  # saved names, in rank-file order
+
+
+@dataclass
+class Stage:
+    pp_rank: int
+    metadata_file: Path
+    rank_files: list[Path]  # one per tp rank
+    tensors: list[dict[str, LazyTensor]]  # one per tp rank, keyed by saved name
+    parameters: dict[str, dict[str, Any]]  # keyed by saved name (no adapter name, no base_layer)
+    specs: list[ModelWeightTransformationSpecs]
+    groups: list[Group] = field(default_factory=list)
+
+    def load(self, group: Group) -> dict[str, list[torch.Tensor]]:
+        return {name: [ranks[name].load() for ranks in self.tensors] for name in group.names}
+
+    def dry(self, group: Group) -> dict[str, list[torch.Tensor]]:
+        """Stand-ins of the group's tensors with the right shapes and dtypes (see `dry_tensor`)."""
+        return {name: [dry_tensor(ranks[name].shape, ranks[name].dtype) for ranks in self.tensors] for name in group.names}
+
+    def nbytes(self, group: Group) -> int:
+        return sum(ranks[name].nbytes for name in group.names for ranks in self.tensors)
+
+
+@dataclass
+class Part:
+    """The model's shards or one adapter's, opened and checked."""
+
+    adapter_name: str | None
+    tp_size: int
+    pp_size: int
+    stages: list[Stage]
+    directory: Path
+    adapter_config: Path | None
+    source_format: str  # "optimum-neuron-peft" or "optimum-neuron"
+
+    @property
+    def all_specs(self) -> list[ModelWeightTransformationSpecs]:
+        return [s for stage in self.stages for s in stage.specs]
+
+
+def _open_any_rank_file(path: Path) -> dict[str, LazyTensor]:
+    return open_safetensors(path) if path.suffix == ".safetensors" else open_rank_file(path)
+
+
+def open_part(part: ShardedPart, source_format: str) -> Part:
+    stages = [_open_stage(part, pp, source_format) for pp in range(part.pp_size)]
+    seen: dict[str, Path] = {}
+    for stage in stages:
+        for name in stage.tensors[0]:
+            if name in seen:
+                raise CheckpointError(f"{stage.rank_files[0]}: tensor '{name}' is also saved by stage file {seen[name]}")
+            seen[name] = stage.rank_files[0]
+    return Part(part.adapter_name, part.tp_size, part.pp_size, stages, part.directory, part.adapter_config, source_format)
+
+
+def _open_stage(part: ShardedPart, pp: int, source_format: str) -> Stage:
+    metadata_file = part.metadata_files[pp]
+    metadata = part.metadata[pp]
+    if source_format == "optimum-neuron":
+        try:
+            metadata = normalize_quirks(metadata, part.tp_size)
+        except CheckpointError as err:
+            raise CheckpointError(f"{metadata_file}: {err}") from None
+    try:
+        parameters, specs = parse_metadata(metadata, where=str(metadata_file))
+    except OptimumNeuronPeftError as err:
+        raise CheckpointError(str(err) if str(metadata_file) in str(err) else f"{metadata_file}: {err}") from None
+    parameters = normalize_parameters_metadata(parameters, part.adapter_name)
+    for group in specs:
+        for spec in group:
+            spec_tp = getattr(spec, "tp_size", part.tp_size)
+            if spec_tp != part.tp_size:
+                raise CheckpointError(
+                    f"{metadata_file}: {type(spec).__name__} of {group.module_fully_qualified_name} says "
+                    f"tp_size={spec_tp}, but the checkpoint has {part.tp_size} tp rank files"
+                )
+    rank_files = [part.rank_files[(tp, pp)] for tp in range(part.tp_size)]
+    tensors = []
+    for path in rank_files:
+        opened = _open_any_rank_file(path)
+        if part.adapter_name is None:
+            renamed = {remove_base_layer(k): v for k, v in opened.items()}
+            if len(renamed) != len(opened):
+                raise CheckpointError(f"{path}: holds a tensor both with and without 'base_layer' in its name")
+            opened = renamed
+        tensors.append(opened)
+    _check_ranks_agree(rank_files, tensors)
+    stage = Stage(pp, metadata_file, rank_files, tensors, parameters, specs)
+    stage.groups = _groups(stage)
+    return stage
+
+
+def _check_ranks_agree(rank_files: list[Path], tensors: list[dict[str, LazyTensor]]) -> None:
+    first = tensors[0]
+    if not first:
+        raise CheckpointError(f"{rank_files[0]}: holds no tensors")
+    for path, other in zip(rank_files[1:], tensors[1:]):
+        if set(other) != set(first):
+            missing = sorted(set(first) - set(other))
+            extra = sorted(set(other) - set(first))
+            detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}"
+            raise CheckpointError(f"{path}: holds different tensors than {rank_files[0].name} ({detail})")
+        for name, lazy in other.items():
+            ref = first[name]
+            if lazy.shape != ref.shape or lazy.dtype != ref.dtype:
+                raise CheckpointError(
+                    f"{path}: tensor '{name}' is {tuple(lazy.shape)} {lazy.dtype}, but {rank_files[0].name} holds "
+                    f"{tuple(ref.shape)} {ref.dtype} (every rank must hold shards of the same shape)"
+                )
+
+
+def _groups(stage: Stage) -> list[Group]:
+    order = {name: i for i, name in enumerate(stage.tensors[0])}
+    claimed: dict[str, str] = {}
+    groups = []
+    for specs in stage.specs:
+        names = sorted(specs.get_relevant_parameter_names() & order.keys(), key=order.__getitem__)
+        for name in names:
+            if name in claimed:
+                raise CheckpointError(
+                    f"{stage.metadata_file}: tensor '{name}' is claimed by the specs of both {claimed[name]} and "
+                    f"{specs.module_fully_qualified_name}"
+                )
+            claimed[name] = specs.module_fully_qualified_name
+        if names:
+            groups.append(Group([specs], names))
+    for name in order:
+        if name in claimed:
+            continue
+        if name not in stage.parameters:
+            raise CheckpointError(
+                f"{stage.metadata_file}: no entry for tensor '{name}' saved in {stage.rank_files[0].name}"
+            )
+        groups.append(Group([], [name]))
+    groups.sort(key=lambda g: order[g.names[0]])
+    return groups
+
+
+def checked(call, stage: Stage, what: str):
+    """Run ``call()``; a spec/shape error becomes a `CheckpointError` naming the stage's files."""
+    try:
+        return call()
+    except CheckpointError:
+        raise
+    except (OptimumNeuronPeftError, RuntimeError) as err:
+        raise CheckpointError(
+            f"{stage.rank_files[0]}: {what} failed, the tensors disagree with {stage.metadata_file.name}: {err}"
+        ) from None
+
+
+def part_label(part: Part) -> str:
+    return "model" if part.adapter_name is None else f"adapter {part.adapter_name!r}"
+
+
+def select_parts(checkpoint: Checkpoint, adapter: str | None, source_format: str) -> list[Part]:
+    if adapter is not None:
+        if adapter not in checkpoint.adapters:
+            raise CheckpointError(
+                f"{checkpoint.root}: no adapter named {adapter!r}; adapters found: {sorted(checkpoint.adapters) or 'none'}"
+            )
+        return [open_part(checkpoint.adapters[adapter], source_format)]
+    parts = [open_part(checkpoint.model, source_format)] if checkpoint.model is not None else []
+    parts += [open_part(p, source_format) for _, p in sorted(checkpoint.adapters.items())]
+    return parts
+
+
+def source_format_of(checkpoint: Checkpoint) -> str:
+    return "optimum-neuron-peft" if isinstance(checkpoint, ShardedCheckpoint) else "optimum-neuron"
+
+
+def lora_module_of(name: str) -> str | None:
+    """``model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``model.layers.0.self_attn.q_proj``."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.startswith("lora_"):
+            return ".".join(parts[:i])
+    return None
+

@@ -1,0 +1,158 @@
+"""Incremental safetensors writing: the header is planned from names, dtypes and shapes, then tensors are appended.
+
+`safetensors.torch.save_file` needs every tensor of a file in memory at once. Here the file's contents are planned
+first (name, dtype, shape: all known from lazy handles or meta tensors), the header is written, and each tensor's
+bytes are appended as soon as it is produced, so a multi-GB file is written holding one tensor at a time.
+
+File layout (the safetensors format): 8-byte little-endian header length N, N bytes of JSON header
+``{"__metadata__": {...}, name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}}`` padded with
+spaces to a multiple of 8, then the raw little-endian tensor bytes, in plan order, with no gaps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+from ..errors import CheckpointError
+from .lazy import _SAFETENSORS_DTYPES
+
+DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "TensorPlan":
+        return cls(name, tensor.dtype, tuple(tensor.shape))
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    size: int
+    sha256: str | None
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of ``tensor`` (made contiguous on CPU) without another copy when already contiguous."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def safetensors_header(plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for plan in plans:
+        if plan.dtype not in DTYPE_CODES:
+            raise CheckpointError(f"{plan.name}: dtype {plan.dtype} cannot be stored in safetensors")
+        if plan.name in header:
+            raise CheckpointError(f"{plan.name}: planned twice in the same safetensors file")
+        header[plan.name] = {"dtype": DTYPE_CODES[plan.dtype], "shape": list(plan.shape), "data_offsets": [offset, offset + plan.nbytes]}
+        offset += plan.nbytes
+    data = json.dumps(header, separators=(",", ":")).encode()
+    data += b" " * (-(8 + len(data)) % 8)
+    return struct.pack("<Q", len(data)) + data
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file whose tensors are planned up front and then appended in plan order.
+
+    Use as a context manager; `write` checks each tensor against the plan, `close` checks that every planned
+    tensor was written and returns the file size (and sha256 when ``hash=True``, computed while writing).
+    """
+
+    def __init__(self, path: str | os.PathLike, plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None = None, *, hash: bool = False):
+        self.path = Path(path)
+        self.plans = list(plans)
+        self._next = 0
+        self._hash = hashlib.sha256() if hash else None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(self.path, "wb")
+        self._size = 0
+        self._emit(memoryview(safetensors_header(self.plans, metadata)))
+
+    def _emit(self, data: memoryview) -> None:
+        self._handle.write(data)
+        if self._hash is not None:
+            self._hash.update(data)
+        self._size += len(data)
+
+    @property
+    def pending(self) -> list[str]:
+        return [p.name for p in self.plans[self._next:]]
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.plans)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.plans):
+            raise CheckpointError(f"{self.path}: tensor '{name}' was not planned for this file")
+        plan = self.plans[self._next]
+        if plan.name != name or plan.dtype != tensor.dtype or tuple(tensor.shape) != plan.shape:
+            raise CheckpointError(
+                f"{self.path}: expected tensor '{plan.name}' {plan.dtype} {plan.shape} next, got '{name}' "
+                f"{tensor.dtype} {tuple(tensor.shape)}"
+            )
+        if plan.nbytes:
+            self._emit(tensor_bytes(tensor))
+        self._next += 1
+
+    def close(self) -> FileRecord:
+        if self._handle.closed:
+            return FileRecord(self._size, self._hash.hexdigest() if self._hash else None)
+        self._handle.close()
+        if not self.done:
+            raise CheckpointError(f"{self.path}: closed before writing planned tensors {self.pending[:3]}")
+        return FileRecord(self._size, self._hash.hexdigest() if self._hash else None)
+
+    def abort(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "SafetensorsStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, hash: bool = False) -> FileRecord:
+    """Write a small dict of tensors in one go (same bytes as the streaming writer)."""
+    with SafetensorsStreamWriter(path, [TensorPlan.of(n, t) for n, t in tensors.items()], metadata, hash=hash) as writer:
+        for name, tensor in tensors.items():
+            writer.write(name, tensor)
+    return writer.close()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            got = handle.readinto(view)
+            if not got:
+                break
+            digest.update(view[:got])
+    return digest.hexdigest()
