@@ -22,8 +22,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import SpecError
-from . import peft_targets
 from .base import ModelWeightTransformationSpec, register_spec
+from .peft_targets import FusedModuleSpec
 from .sharding import materialize, shard_tensor, tensor_shape, unshard_tensors
 
 _FUSE_AXES = {"column": 0, "row": 1, 0: 0, 1: 1}
@@ -31,7 +31,7 @@ _FUSE_AXES = {"column": 0, "row": 1, 0: 0, 1: 1}
 
 @register_spec
 @dataclasses.dataclass
-class FusedLinearsSpec(ModelWeightTransformationSpec):
+class FusedLinearsSpec(FusedModuleSpec, ModelWeightTransformationSpec):
     fused_linear_name: str
     linear_names: list[str]
     bias: bool
@@ -75,23 +75,13 @@ class FusedLinearsSpec(ModelWeightTransformationSpec):
             names |= {f"{m}.{lin}.{lora}.weight" for lin in self.linear_names}
         return names
 
-    def guess_peft_type(self, model: torch.nn.Module, module_fully_qualified_name: str) -> str | None:
-        module = model.get_submodule(f"{module_fully_qualified_name}.{self.fused_linear_name}")
-        return "lora" if hasattr(module, "lora_A") else None
+    @property
+    def fused_module_name(self) -> str:
+        return self.fused_linear_name
 
-    def adapt_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
-        config = peft_targets.prepared(peft_config, inplace, type(self).__name__)
-        config.target_modules = peft_targets.add_fused_target(
-            config.target_modules, self.fused_linear_name, self.linear_names
-        )
-        return config
-
-    def to_original_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
-        config = peft_targets.prepared(peft_config, inplace, type(self).__name__)
-        config.target_modules = peft_targets.remove_fused_target(
-            config.target_modules, self.fused_linear_name, self.linear_names
-        )
-        return config
+    @property
+    def fused_projection_names(self) -> list[str]:
+        return list(self.linear_names)
 
     # -- layout -----------------------------------------------------------------------------------------------
 

@@ -20,8 +20,8 @@ from typing import Any, ClassVar, Literal, Mapping, Sequence
 import torch
 
 from ..errors import SpecError
-from . import peft_targets
 from .base import ModelWeightTransformationSpec, register_spec
+from .peft_targets import FusedModuleSpec
 from .gqa_layout import (
     KVLayout,
     check_gqa_shape,
@@ -124,7 +124,7 @@ def compute_query_indices_for_rank(
 
 @register_spec
 @dataclasses.dataclass
-class GQAQKVColumnParallelLinearSpec(ModelWeightTransformationSpec):
+class GQAQKVColumnParallelLinearSpec(FusedModuleSpec, ModelWeightTransformationSpec):
     gqa_qkv_projection_name: str
     query_projection_name: str
     key_projection_name: str
@@ -234,23 +234,13 @@ class GQAQKVColumnParallelLinearSpec(ModelWeightTransformationSpec):
             names |= {f"{m}.{gqa}.{lora}.weight_{s}" for s in QKV}
         return names
 
-    def guess_peft_type(self, model: torch.nn.Module, module_fully_qualified_name: str) -> str | None:
-        module = model.get_submodule(f"{module_fully_qualified_name}.{self.gqa_qkv_projection_name}")
-        return "lora" if hasattr(module, "lora_A") else None
+    @property
+    def fused_module_name(self) -> str:
+        return self.gqa_qkv_projection_name
 
-    def adapt_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
-        config = peft_targets.prepared(peft_config, inplace, type(self).__name__)
-        config.target_modules = peft_targets.add_fused_target(
-            config.target_modules, self.gqa_qkv_projection_name, list(self._projection_names.values())
-        )
-        return config
-
-    def to_original_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
-        config = peft_targets.prepared(peft_config, inplace, type(self).__name__)
-        config.target_modules = peft_targets.remove_fused_target(
-            config.target_modules, self.gqa_qkv_projection_name, list(self._projection_names.values())
-        )
-        return config
+    @property
+    def fused_projection_names(self) -> list[str]:
+        return list(self._projection_names.values())
 
     # -- original -> local --------------------------------------------------------------------------------------
 
