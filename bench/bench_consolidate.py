@@ -6,7 +6,9 @@ optimum-neuron's plain format, then measures, each in its own child process (pea
 - ``cp -r`` of the rank files + fsync of the copies (the floor: consolidation fsyncs its output too);
 - ``optimum-neuron-peft consolidate`` of our format and of optimum-neuron's plain format;
 - the whole-in-memory baseline: ``torch.load`` every rank, gather every tensor, save the shards (what
-  optimum-neuron's consolidation does).
+  optimum-neuron's consolidation does);
+- ``python -c "import optimum_neuron_peft.checkpoint.consolidate"``: the interpreter + torch start-up that every
+  consolidate figure includes and the ``cp`` floor does not.
 
 All inputs are in the page cache (written just before; nothing is dropped), for every measurement alike.
 
@@ -139,6 +141,8 @@ def measure(root: Path, repeats: int) -> dict:
         "consolidate (ours)": lambda out: [py, "-m", "optimum_neuron_peft", "consolidate", str(root / "ours"), str(out), "--no-progress"],
         "consolidate (optimum-neuron plain)": lambda out: [py, "-m", "optimum_neuron_peft", "consolidate", str(root / "on"), str(out), "--no-progress"],
         "whole-in-memory baseline": lambda out: [py, "-c", BASELINE, str(root / "on"), str(out)],
+        # The fixed cost inside every consolidate figure above: interpreter start + `import torch` (+ the package).
+        "python + imports only (fixed cost)": lambda out: [py, "-c", "import optimum_neuron_peft.checkpoint.consolidate"],
     }
     for name, cmd in cases.items():
         runs = []

@@ -16,6 +16,7 @@ Output layout (``OUTPUT_DIR``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -31,10 +32,10 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
-from ..transformations.peft_targets import remove_fused_target
 from ..utils.atomic import atomic_output_dir, check_output_dir
-from .lazy import read_exact_into
+from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
 from .hf_output import OutputFormat, WeightsWriter, parse_max_shard_size
+from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
 
@@ -50,6 +51,7 @@ class GroupPlan:
     stage: Stage
     group: Group
     outputs: list[tuple[str, TensorPlan]]  # (original name as produced by the spec, planned output tensor)
+    provenance: dict[str, Provenance] = field(default_factory=dict)  # original name -> where its bytes are
 
 
 @dataclass
@@ -122,8 +124,9 @@ def _group_key(stage: Stage, group: Group) -> tuple | None:
     return module, specs, inputs
 
 
-def _output_shapes(stage: Stage, group: Group, cache: dict) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    """(original name, shape, dtype) of every tensor the group rebuilds, without reading data."""
+def _output_shapes(stage: Stage, group: Group, cache: dict) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], dict[str, Provenance]]:
+    """(original name, shape, dtype) of every tensor the group rebuilds, and the byte provenance of those that are
+    pure data moves (see `provenance`), without reading data. Groups of the same structure share one derivation."""
     key = _group_key(stage, group)
     if key is None:
         (name,) = group.names
@@ -133,14 +136,30 @@ def _output_shapes(stage: Stage, group: Group, cache: dict) -> list[tuple[str, t
             if not 0 <= entry["partition_dim"] < len(shape):
                 raise CheckpointError(f"{stage.metadata_file}: '{name}' has partition_dim {entry['partition_dim']} but is {len(shape)}-D in {stage.rank_files[0].name}")
             shape[entry["partition_dim"]] *= len(stage.tensors)
-        return [(name, tuple(shape), lazy.dtype)]
-    module, structure = key[0], key[1:]
+        module, structure = name, ("parameter", tuple(lazy.shape), lazy.dtype, json.dumps(entry, sort_keys=True))
+        shapes = [("", tuple(shape), lazy.dtype)]
+    else:
+        module, structure = key[0], key[1:]
+        shapes = None
     if structure not in cache:
-        dry = checked(lambda: original_weights(stage, group, stage.dry(group)), stage, "rebuilding the original weights")
-        if any(not n.startswith(module) for n in dry):
-            raise CheckpointError(f"{stage.metadata_file}: the specs of {module} produce tensors outside the module")
-        cache[structure] = [(n[len(module):], tuple(t.shape), t.dtype) for n, t in dry.items()]
-    return [(module + rel, shape, dtype) for rel, shape, dtype in cache[structure]]
+        if shapes is None:
+            dry = checked(lambda: original_weights(stage, group, stage.dry(group)), stage, "rebuilding the original weights")
+            if any(not n.startswith(module) for n in dry):
+                raise CheckpointError(f"{stage.metadata_file}: the specs of {module} produce tensors outside the module")
+            shapes = [(n[len(module):], tuple(t.shape), t.dtype) for n, t in dry.items()]
+        cache[structure] = (shapes, _derive_provenance(stage, group, module, shapes))
+    shapes, provenance = cache[structure]
+    return [(module + rel, shape, dtype) for rel, shape, dtype in shapes], {module + rel: p for rel, p in provenance.items()}
+
+
+def _derive_provenance(stage: Stage, group: Group, module: str, shapes) -> dict[str, Provenance]:
+    """Provenance keyed by output name relative to ``module`` (see `provenance.derive`)."""
+    sources = [(n, [SourceInfo(tuple(ranks[n].shape), ranks[n].dtype) for ranks in stage.tensors]) for n in group.names]
+
+    def rebuild(index: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {n[len(module):]: t for n, t in original_weights(stage, group, index).items()}
+
+    return derive(rebuild, sources, {rel: (shape, dtype) for rel, shape, dtype in shapes})
 
 
 def plan_part(part: Part, dtype: torch.dtype | None) -> list[GroupPlan]:
@@ -151,14 +170,15 @@ def plan_part(part: Part, dtype: torch.dtype | None) -> list[GroupPlan]:
     for stage in part.stages:
         for group in stage.groups:
             outputs = []
-            for name, shape, tensor_dtype in _output_shapes(stage, group, cache):
+            shapes, provenance = _output_shapes(stage, group, cache)
+            for name, shape, tensor_dtype in shapes:
                 out = prefix + name
                 if out in seen:
                     raise CheckpointError(f"{stage.rank_files[0]}: output tensor '{out}' is produced twice")
                 seen[out] = stage.rank_files[0]
                 cast = dtype if dtype is not None and tensor_dtype.is_floating_point else tensor_dtype
                 outputs.append((name, TensorPlan(out, cast, shape)))
-            plans.append(GroupPlan(stage, group, outputs))
+            plans.append(GroupPlan(stage, group, outputs, provenance))
     return plans
 
 
@@ -184,6 +204,24 @@ def _targeted(target_modules: Any, module: str) -> bool:
     if isinstance(target_modules, str):
         return re.fullmatch(target_modules, module) is not None
     return any(module == t or module.endswith(f".{t}") for t in target_modules)
+
+
+def _restore_fused_targets(targets: list[str], fused_names: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """``target_modules`` entries naming a fused module (bare, ``qkv_proj``, or full path, as vanilla PEFT saves
+    ``all-linear`` expanded: ``model.layers.0.self_attn.qkv_proj``) replaced by its original projections, with the
+    same prefix. Projections already listed next to it (partial targets) are kept alone (`remove_fused_target`)."""
+    for fused, projections in fused_names:
+        restored: list[str] = []
+        for entry in targets:
+            if entry == fused or entry.endswith(f".{fused}"):
+                prefix = entry[: len(entry) - len(fused)]
+                expanded = [prefix + p for p in projections]
+                entry_list = [] if any(e in targets for e in expanded) else expanded
+            else:
+                entry_list = [entry]
+            restored += [e for e in entry_list if e not in restored]
+        targets = restored
+    return targets
 
 
 def _shared_lora_projections(group: Group) -> set[str]:
@@ -212,9 +250,7 @@ def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any
         raise CheckpointError(f"{path}: expected a JSON object")
     targets = config.get("target_modules")
     if isinstance(targets, list):
-        for fused, projections in _fused_names(part):
-            targets = remove_fused_target(targets, fused, list(projections))
-        targets = sorted(targets)
+        targets = sorted(_restore_fused_targets(targets, _fused_names(part)))
         config["target_modules"] = targets
     produced: set[str] = set()
     for plan in groups:
@@ -231,11 +267,11 @@ def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any
                     f"{path}: target_modules {targets} does not target {module}, which has LoRA tensors in "
                     f"{plan.stage.rank_files[0].name}"
                 )
-            produced.add(module.rsplit(".", 1)[-1])
+            produced.add(module)
             kept.append((name, tensor_plan))
         plan.outputs = kept
     if isinstance(targets, list):
-        missing = sorted(set(targets) - produced)
+        missing = sorted(t for t in set(targets) if not any(_targeted([t], m) for m in produced))
         if missing:
             raise CheckpointError(f"{path}: target_modules lists {missing} but the checkpoint has no LoRA tensors for them")
     return config
@@ -265,47 +301,75 @@ def plan_consolidation(
 # Streaming
 
 
-def stream_target(target: TargetPlan, directory: Path, writer: WeightsWriter, dtype: torch.dtype | None, on_bytes: Callable[[int], None]) -> int:
+def stream_target(
+    target: TargetPlan, directory: Path, writer: WeightsWriter, dtype: torch.dtype | None, on_bytes: Callable[[int], None],
+    files: SourceFiles | None = None,
+) -> int:
+    """Write every output tensor of ``target``: by byte-range copies where its provenance is known, else through
+    the tensor path (read the group's shards, `to_original_weights`, cast)."""
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    files = files if files is not None else SourceFiles()
+    copier = RangeCopier(files)
+    buffers = Buffers()
     count = 0
     for plan in target.groups:
         if not plan.outputs:
             continue
-        original = _read_plain_parameter(plan)
-        if original is None:
-            shards = plan.stage.load(plan.group)
-            original = checked(lambda: original_weights(plan.stage, plan.group, shards), plan.stage, "rebuilding the original weights")
-            del shards
+        lazies = [[ranks[name] for ranks in plan.stage.tensors] for name in plan.group.names]
+        original = None  # the group rebuilt in memory, only if some output needs the tensor path
         for name, tensor_plan in plan.outputs:
-            tensor = _cast(original.pop(name), dtype)
-            writer.write(tensor_plan.name, tensor)
+            if not _write_from_bytes(plan.provenance.get(name), lazies, tensor_plan, writer, files, copier, buffers):
+                if original is None:
+                    shards = plan.stage.load(plan.group)
+                    original = checked(lambda: original_weights(plan.stage, plan.group, shards), plan.stage, "rebuilding the original weights")
+                    del shards
+                writer.write(tensor_plan.name, _cast(original.pop(name), dtype))
             on_bytes(tensor_plan.nbytes)
             count += 1
-            del tensor
         del original
         if sleep:
             time.sleep(sleep)
     return count
 
 
-def _read_plain_parameter(plan: GroupPlan) -> dict[str, torch.Tensor] | None:
-    """Fast path for a parameter without spec that is replicated (read rank 0 only) or sharded along dim 0 with
-    stride 1 (each rank's bytes read straight into its rows of the output: no concatenation copy). None otherwise."""
-    if plan.group.specs:
-        return None
-    (name,) = plan.group.names
-    entry = plan.stage.parameters[name]
-    ranks = [tensors[name] for tensors in plan.stage.tensors]
-    if not entry.get("tensor_model_parallel"):
-        return {name: ranks[0].load()}
-    if entry["partition_dim"] != 0 or entry.get("partition_stride", 1) != 1 or not all(r.is_dense() for r in ranks):
-        return None
-    rows = ranks[0].shape[0]
-    out = torch.empty((rows * len(ranks), *ranks[0].shape[1:]), dtype=ranks[0].dtype)
-    for i, lazy in enumerate(ranks):
-        if lazy.numel:
-            read_exact_into(lazy.file, lazy.offset + lazy.storage_offset * lazy.itemsize, out.narrow(0, i * rows, rows))
-    return {name: out}
+def _write_from_bytes(
+    provenance: Provenance | None, lazies, plan: TensorPlan, writer: WeightsWriter, files: SourceFiles, copier: RangeCopier,
+    buffers: Buffers,
+) -> bool:
+    """Write one output from its byte provenance; False when it has none usable (the caller takes the tensor path)."""
+    if isinstance(provenance, RowCopy):
+        ranges = row_ranges(provenance, lazies)
+        if ranges is None:
+            return False
+        source_dtype = lazies[provenance.pieces[0][0]][0].dtype if provenance.pieces else plan.dtype
+        if source_dtype == plan.dtype and writer.can_copy_ranges:
+            writer.copy_ranges(plan.name, ranges, copier)  # file to file, in the kernel
+            return True
+        tensor = torch.empty(plan.shape, dtype=source_dtype)
+        read_ranges_into(files, ranges, tensor)
+    elif isinstance(provenance, ColumnGather):
+        source_dtype = lazies[provenance.pieces[0][0]][0].dtype
+        # A safetensors writer copies the bytes out at once, so the output memory can be reused; pytorch keeps it.
+        reuse = writer.can_copy_ranges or source_dtype != plan.dtype
+        tensor = buffers.get("out", plan.shape, source_dtype) if reuse else torch.empty(plan.shape, dtype=source_dtype)
+        if not gather_columns(files, provenance, lazies, tensor, buffers):
+            return False
+    else:
+        return False
+    writer.write(plan.name, _cast(tensor, plan.dtype))
+    return True
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int):
+    """Run with ``count`` torch intra-op threads: the copies here are memory-bound, and a second thread contending
+    for the memory bus (and for the core the kernel's write-back runs on) made them ~4x slower on a 2-core VM."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _check_not_inside(checkpoint_dir: Path, output_dir: Path) -> None:
@@ -354,7 +418,8 @@ def consolidate(
                 directory.mkdir(parents=True, exist_ok=True)
                 writer = WeightsWriter(directory, target.plans, kind=target.kind, format=format, max_shard_size=max_shard_size)
                 try:
-                    count += stream_target(target, directory, writer, cast, bar.update)
+                    with SourceFiles() as files, _torch_threads(1):
+                        count += stream_target(target, directory, writer, cast, bar.update, files)
                     writer.close()
                 except BaseException:
                     writer.abort()

@@ -1,7 +1,7 @@
 """Writers of Transformers / PEFT weight files (FORMATS.md section 1), fed one tensor at a time.
 
 The whole list of output tensors (name, dtype, shape) is known before any data is read, so the shard split
-(`huggingface_hub.split_torch_state_dict_into_shards`, run on meta tensors) and every safetensors header are fixed
+(`huggingface_hub.split_torch_state_dict_into_shards`'s algorithm, run on the planned sizes) and every safetensors header are fixed
 up front; each tensor is then appended to its shard as soon as it is produced. The ``pytorch`` format has no
 streaming writer: a ``.bin`` shard is held in memory until complete (bounded by ``max_shard_size``).
 """
@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Iterable, Literal
 
 import torch
-from huggingface_hub import split_torch_state_dict_into_shards
-from huggingface_hub.serialization._base import parse_size_to_int
+from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
 from ..errors import CheckpointError
 from .stream_writer import SafetensorsStreamWriter, TensorPlan
@@ -62,15 +61,19 @@ class WeightsWriter:
             self.files = {single: list(self.plans)}
             self.index = None
         else:
-            meta = {n: torch.empty(p.shape, dtype=p.dtype, device="meta") for n, p in self.plans.items()}
-            split = split_torch_state_dict_into_shards(meta, filename_pattern=pattern, max_shard_size=parse_max_shard_size(max_shard_size))
+            # What split_torch_state_dict_into_shards does with meta tensors (storage size = nbytes, no storage id),
+            # without creating meta tensors: their first use imports sympy and torch._dynamo (~1.5 s).
+            split = split_state_dict_into_shards_factory(
+                self.plans, get_storage_size=lambda p: p.nbytes, filename_pattern=pattern,
+                max_shard_size=parse_max_shard_size(max_shard_size),
+            )
             self.files = {name: list(tensors) for name, tensors in split.filename_to_tensors.items()}
             self.index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)} if split.is_sharded else None
         self.file_of = {t: f for f, names in self.files.items() for t in names}
         self._open: dict[str, SafetensorsStreamWriter | dict[str, torch.Tensor]] = {}
         self._remaining = {f: len(names) for f, names in self.files.items()}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _writer(self, name: str) -> tuple[str, SafetensorsStreamWriter | dict[str, torch.Tensor]]:
         file = self.file_of.get(name)
         if file is None:
             raise CheckpointError(f"{self.directory}: tensor '{name}' was not planned")
@@ -81,6 +84,15 @@ class WeightsWriter:
             else:
                 writer = {}
             self._open[file] = writer
+        return file, writer
+
+    @property
+    def can_copy_ranges(self) -> bool:
+        """Whether `copy_ranges` can be used (safetensors output: tensors are byte ranges at known offsets)."""
+        return self.format == "safetensors"
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        file, writer = self._writer(name)
         if isinstance(writer, dict):
             plan = self.plans[name]
             if tensor.dtype != plan.dtype or tuple(tensor.shape) != plan.shape:
@@ -88,6 +100,18 @@ class WeightsWriter:
             writer[name] = tensor.contiguous()
         else:
             writer.write(name, tensor)
+        self._done(file, writer)
+
+    def copy_ranges(self, name: str, ranges, copier) -> None:
+        """Write tensor ``name`` (dtype and shape as planned) from byte ranges of input files (see `byte_copy`)."""
+        file, writer = self._writer(name)
+        if isinstance(writer, dict):
+            raise CheckpointError(f"{self.directory / file}: the pytorch format cannot be written by byte-range copies")
+        plan = self.plans[name]
+        writer.copy_ranges(name, plan.dtype, plan.shape, ranges, copier)
+        self._done(file, writer)
+
+    def _done(self, file: str, writer) -> None:
         self._remaining[file] -= 1
         if self._remaining[file] == 0:
             if isinstance(writer, dict):

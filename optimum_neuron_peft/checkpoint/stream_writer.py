@@ -11,14 +11,17 @@ spaces to a multiple of 8, then the raw little-endian tensor bytes, in plan orde
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import torch
 
@@ -26,6 +29,43 @@ from ..errors import CheckpointError
 from .lazy import _SAFETENSORS_DTYPES
 
 DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+WRITEBACK_STEP = 64 << 20  # start the disk write-back of every this many bytes written
+
+
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)`` from libc, or None where unavailable."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return lambda fd, offset, nbytes: call(fd, offset, nbytes, 2)  # 2: SYNC_FILE_RANGE_WRITE, does not wait
+
+
+_start_writeback = _sync_file_range()
+
+
+class _WritebackThread:
+    """Issues ``sync_file_range`` calls off the writing thread (a call can block while the disk queue is full)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="safetensors-writeback", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            _start_writeback(self._fd, *item)
+
+    def submit(self, offset: int, nbytes: int) -> None:
+        self._queue.put((offset, nbytes))
+
+    def join(self) -> None:
+        """Wait for pending calls (before the descriptor is closed)."""
+        self._queue.put(None)
+        self._thread.join()
 
 
 @dataclass(frozen=True)
@@ -85,15 +125,29 @@ class SafetensorsStreamWriter:
         self._next = 0
         self._hash = hashlib.sha256() if hash else None
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(self.path, "wb")
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._size = 0
+        self._written_back = 0
+        self._writeback_thread: _WritebackThread | None = None
         self._emit(memoryview(safetensors_header(self.plans, metadata)))
 
     def _emit(self, data: memoryview) -> None:
-        self._handle.write(data)
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], self._size + written)
         if self._hash is not None:
             self._hash.update(data)
         self._size += len(data)
+        self._writeback()
+
+    def _writeback(self) -> None:
+        """Start writing what was written so far to disk, without waiting: the final fsync (atomic publish) then
+        has little left to do, and the disk works while the next tensors are produced."""
+        if _start_writeback is not None and self._size - self._written_back >= WRITEBACK_STEP:
+            if self._writeback_thread is None:
+                self._writeback_thread = _WritebackThread(self._fd)
+            self._writeback_thread.submit(self._written_back, self._size - self._written_back)
+            self._written_back = self._size
 
     @property
     def pending(self) -> list[str]:
@@ -103,29 +157,61 @@ class SafetensorsStreamWriter:
     def done(self) -> bool:
         return self._next == len(self.plans)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def _check_next(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> TensorPlan:
         if self._next >= len(self.plans):
             raise CheckpointError(f"{self.path}: tensor '{name}' was not planned for this file")
         plan = self.plans[self._next]
-        if plan.name != name or plan.dtype != tensor.dtype or tuple(tensor.shape) != plan.shape:
+        if plan.name != name or plan.dtype != dtype or shape != plan.shape:
             raise CheckpointError(
                 f"{self.path}: expected tensor '{plan.name}' {plan.dtype} {plan.shape} next, got '{name}' "
-                f"{tensor.dtype} {tuple(tensor.shape)}"
+                f"{dtype} {shape}"
             )
+        return plan
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        plan = self._check_next(name, tensor.dtype, tuple(tensor.shape))
         if plan.nbytes:
             self._emit(tensor_bytes(tensor))
         self._next += 1
 
+    @property
+    def can_copy_ranges(self) -> bool:
+        """Whether `copy_ranges` works (bytes copied in the kernel cannot be hashed on the way)."""
+        return self._hash is None
+
+    def copy_ranges(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], ranges, copier) -> None:
+        """Append the next planned tensor, whose bytes are ``ranges`` of input files (`byte_copy.RangeCopier`)."""
+        plan = self._check_next(name, dtype, tuple(shape))
+        if not self.can_copy_ranges:
+            raise CheckpointError(f"{self.path}: a hashed file cannot be written by byte-range copies")
+        copied = copier.copy(ranges, self._fd, self._size)
+        if copied != plan.nbytes:
+            raise CheckpointError(f"{self.path}: tensor '{name}' needs {plan.nbytes} bytes, its byte ranges hold {copied}")
+        self._size += copied
+        self._next += 1
+        self._writeback()
+
+    def fileno(self) -> int:
+        return self._fd
+
     def close(self) -> FileRecord:
-        if self._handle.closed:
+        if self._fd is None:
             return FileRecord(self._size, self._hash.hexdigest() if self._hash else None)
-        self._handle.close()
+        self._close_fd()
         if not self.done:
             raise CheckpointError(f"{self.path}: closed before writing planned tensors {self.pending[:3]}")
         return FileRecord(self._size, self._hash.hexdigest() if self._hash else None)
 
+    def _close_fd(self) -> None:
+        if self._writeback_thread is not None:
+            self._writeback_thread.join()
+            self._writeback_thread = None
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
     def abort(self) -> None:
-        self._handle.close()
+        self._close_fd()
 
     def __enter__(self) -> "SafetensorsStreamWriter":
         return self

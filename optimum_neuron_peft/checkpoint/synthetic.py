@@ -8,7 +8,8 @@ This is the layout the custom Llama of `optimum_neuron_peft.models` (and optimum
     model.layers.<i>.mlp.gate_up_proj.weight       FusedLinearsSpec, column parallel, dim 0 stride 2
     model.layers.<i>.mlp.down_proj.weight          row parallel, dim 1
     norms                                          replicated
-    lm_head.weight                                 column parallel, dim 0
+    lm_head.weight                                 column parallel, dim 0 (absent with tie_word_embeddings:
+                                                   the model shares embed_tokens.weight, saved once)
 
 It is used to build checkpoints for tests and benchmarks, by `reshard` to shard an original Transformers
 directory, and by the distributed saver's tests. Nothing here reads global parallel state.
@@ -51,6 +52,7 @@ class LlamaShardingLayout:
     specs: list[ModelWeightTransformationSpecs]
     parameters: dict[str, dict[str, Any]]  # training-model names (no adapter, no base_layer) -> tp attributes
     lora_parameters: dict[str, dict[str, Any]]  # saved LoRA names (no adapter name) -> tp attributes
+    tie_word_embeddings: bool = False  # lm_head.weight is embed_tokens.weight: not a parameter of its own
 
     def stage_of(self, name: str) -> int:
         """Pipeline stage holding parameter ``name``: layers split evenly, embeddings first, norm and head last."""
@@ -91,6 +93,8 @@ class LlamaShardingLayout:
     def shard(self, state_dict: Mapping[str, Any], tp_rank: int, pp_rank: int | None = None) -> dict[str, torch.Tensor]:
         """This (tp, pp) rank's tensors of original weights (full model or PEFT adapter keys without prefix)."""
         metadata = {**self.parameters, **self.lora_parameters}
+        if self.tie_word_embeddings:  # a tied state dict lists the shared tensor twice; it is saved once
+            state_dict = {n: t for n, t in state_dict.items() if n != TIED_LM_HEAD}
         local = adapt_state_dict(self.specs, state_dict, tp_rank, metadata)
         if pp_rank is None:
             return local
@@ -111,6 +115,7 @@ class LlamaShardingLayout:
         return llama_layout(config, tp_size, pp_size=self.pp_size, **kwargs)
 
 
+TIED_LM_HEAD = "lm_head.weight"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -135,8 +140,7 @@ def llama_layout(
         raise ConfigError("llama_layout: mlp_bias=True is not supported")
     if pp_size < 1 or layers < pp_size:
         raise ConfigError(f"llama_layout: pp_size={pp_size} must be between 1 and num_hidden_layers={layers}")
-    if _get(config, "tie_word_embeddings", False):
-        raise ConfigError("llama_layout: tie_word_embeddings=True is not supported (lm_head must be its own weight)")
+    tied = bool(_get(config, "tie_word_embeddings", False))
     targets = set(lora_target_modules or ())
     unknown = targets - set(LORA_TARGETS)
     if unknown:
@@ -178,8 +182,9 @@ def llama_layout(
                 lora[f"{module}.lora_A.weight"] = _sharded(1, tp_size)
                 lora[f"{module}.lora_B.weight"] = dict(_REPLICATED)
     params["model.norm.weight"] = dict(_REPLICATED)
-    params["lm_head.weight"] = _sharded(0, tp_size)
-    return LlamaShardingLayout(layers, tp_size, pp_size, specs, params, lora)
+    if not tied:  # tied: Transformers ties lm_head to embed_tokens itself when loading
+        params[TIED_LM_HEAD] = _sharded(0, tp_size)
+    return LlamaShardingLayout(layers, tp_size, pp_size, specs, params, lora, tied)
 
 
 def peft_state_dict_to_plain(adapter_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

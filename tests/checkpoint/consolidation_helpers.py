@@ -66,10 +66,11 @@ def adapter_state(seed=1, shared_lora_a=False, targets=LORA_TARGETS, r=4) -> tup
     return {k: v.clone() for k, v in state.items()}, config_dict
 
 
-def write_ours(root: Path, tp: int, pp: int = 1, *, model: dict | None = None, adapters: dict | None = None, fuse_qkv=False) -> Path:
+def write_ours(root: Path, tp: int, pp: int = 1, *, model: dict | None = None, adapters: dict | None = None, fuse_qkv=False, **config_overrides) -> Path:
     """Our format: ``model`` original state dict, ``adapters`` {name: (peft state dict, adapter_config)}."""
-    layout = llama_layout(llama_config(), tp, pp_size=pp, fuse_qkv=fuse_qkv, lora_target_modules=LORA_TARGETS)
-    base_layout = llama_layout(llama_config(), tp, pp_size=pp, fuse_qkv=fuse_qkv)
+    config = llama_config(**config_overrides)
+    layout = llama_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv, lora_target_modules=LORA_TARGETS)
+    base_layout = llama_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv)
     shards = {}
     for name, (state, cfg) in (adapters or {}).items():
         shards[name] = AdapterShards(
@@ -79,16 +80,17 @@ def write_ours(root: Path, tp: int, pp: int = 1, *, model: dict | None = None, a
         root,
         base_layout.rank_state_dicts(model) if model is not None else None,
         base_layout.metadata_per_pp() if model is not None else None,
-        config=llama_config().to_dict(),
+        config=config.to_dict(),
         adapters=shards,
     )
     return root
 
 
-def write_optimum_neuron(root: Path, tp: int, pp: int = 1, *, serialization="plain", model=None, adapter=None, adapter_name="default", fuse_qkv=False, metadata_format="json") -> Path:
+def write_optimum_neuron(root: Path, tp: int, pp: int = 1, *, serialization="plain", model=None, adapter=None, adapter_name="default", fuse_qkv=False, metadata_format="json", **config_overrides) -> Path:
     """optimum-neuron's layout; an adapter is written with its shared lora_A / fused gate_up lora_B naming."""
+    config = llama_config(**config_overrides)
     if model is not None:
-        layout = llama_layout(llama_config(), tp, pp_size=pp, fuse_qkv=fuse_qkv)
+        layout = llama_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv)
         metadata = layout.metadata_per_pp()
         if fuse_qkv:  # the quirk: a fused weight_qkv is recorded as not tensor-parallel
             for meta in metadata.values():
@@ -97,7 +99,7 @@ def write_optimum_neuron(root: Path, tp: int, pp: int = 1, *, serialization="pla
                         meta["parameters"][name] = {"tensor_model_parallel": False}
         write_optimum_neuron_checkpoint(
             root, layout.rank_state_dicts(model), metadata, serialization=serialization,
-            config=llama_config().to_dict(), metadata_format=metadata_format,
+            config=config.to_dict(), metadata_format=metadata_format,
         )
     if adapter is not None:
         state, cfg = adapter

@@ -89,3 +89,22 @@ def test_adapter_config_must_target_the_saved_modules(tmp_path):
     restored = json.loads((tmp_path / "ok" / "adapter_config.json").read_text())["target_modules"]
     assert restored == ["k_proj", "o_proj", "q_proj", "v_proj"]
     assert_adapter_loads_equal(tmp_path / "ok", adapter)
+
+
+@pytest.mark.parametrize("writer", [write_ours, write_optimum_neuron])
+def test_tied_embeddings_consolidate_to_a_loadable_model(tmp_path, writer):
+    """A tied model's checkpoint holds embed_tokens only; Transformers ties lm_head to it when loading."""
+    import transformers
+
+    model = model_state(torch.bfloat16)
+    model.pop("lm_head.weight")
+    writer(tmp_path / "ckpt", 2, model=model, tie_word_embeddings=True)
+    consolidate(tmp_path / "ckpt", tmp_path / "out", verify=True)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert sorted(f.keys()) == sorted(model)
+    loaded, info = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", output_loading_info=True, dtype="auto")
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    state = loaded.state_dict()
+    for name, tensor in model.items():
+        assert_bit_equal(state[name], tensor, name)
