@@ -1,10 +1,10 @@
 """Load a Transformers safetensors checkpoint into a tensor-parallel model, each rank reading only its slices.
 
-The model is built on the "meta" device (no memory, no random init). Every checkpoint tensor is a lazy `FileSlice`
-located by the file's header; `adapt_state_dict` reads just the rows or columns of this rank (after the GQA head
-permutation and key/value replication) with positioned reads into memory the rank owns (nothing is memory-mapped,
-so file pages never pile up in the resident set), and the resulting tensors become the model's parameters,
-carrying over their tensor-parallel attributes.
+The model is built on the "meta" device (no memory, no random init). Every checkpoint tensor is opened lazily with
+``safetensors.safe_open(...).get_slice(name)`` on the memory-mapped file; `adapt_state_dict` reads just the rows or
+columns of this rank (after the GQA head permutation and key/value replication), and the resulting tensors become
+the model's parameters, carrying over their tensor-parallel attributes. Each read maps the file only while it
+copies its slice (`FileSlice`), so the file pages a rank touches never pile up in its resident memory.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..checkpoint.lazy import LazyTensor, open_safetensors, read_exact_into
 from ..errors import CheckpointError, SpecError
 from ..parallel import GQAQKVColumnParallelLinear
 from ..transformations import adapt_state_dict
@@ -31,69 +30,23 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
-# Column slices are read through row chunks of this many bytes, so a rank never holds a whole tensor it only
-# needs a few columns of.
-_COLUMN_READ_CHUNK = 32 * 1024 * 1024
-
-
 class FileSlice:
-    """A tensor of a safetensors file read with plain positioned reads, never memory-mapped.
+    """A lazy tensor of a safetensors file that maps the file only while one slice is read.
 
-    ``shape`` / ``get_shape()`` come from the header. ``slice[index]`` reads exactly the rows it needs (one
-    contiguous read for a row range), or, for a column range of a 2-D tensor, runs of whole rows of at most
-    ``_COLUMN_READ_CHUNK`` bytes whose columns are copied out. Reads go into anonymous memory the rank owns, so
-    the resident set never carries file pages, and no file is mapped or re-opened through safetensors per slice.
+    ``shape`` / ``get_shape()`` come from the header; ``slice[index]`` opens the file, copies the rows or columns
+    of ``index`` out of the memory map and closes it again, so the pages touched for one read (a column slice
+    touches most pages of its tensor) are released at once instead of accumulating in the resident set.
     """
 
-    def __init__(self, lazy: LazyTensor, dtype_code: str) -> None:
-        self.lazy, self.file, self.name = lazy, lazy.file, lazy.name
-        self.shape, self.dtype = tuple(lazy.shape), dtype_code
+    def __init__(self, file: Path, name: str, shape: tuple[int, ...], dtype: str) -> None:
+        self.file, self.name, self.shape, self.dtype = file, name, shape, dtype
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
 
-    def _bounds(self, index) -> list[tuple[int, int]]:
-        index = index if isinstance(index, tuple) else (index,)
-        bounds = []
-        for dim, size in enumerate(self.shape):
-            part = index[dim] if dim < len(index) else slice(None)
-            if not isinstance(part, slice) or part.step not in (None, 1):
-                raise TypeError(f"{self.name}: only contiguous slices are supported, got {index!r}")
-            start, stop, _ = part.indices(size)
-            bounds.append((start, max(start, stop)))
-        return bounds
-
     def __getitem__(self, index) -> torch.Tensor:
-        bounds = self._bounds(index)
-        lazy, shape = self.lazy, self.shape
-        if len(shape) not in (1, 2) or not lazy.is_dense():
-            full = lazy.load()
-            return full[tuple(slice(a, b) for a, b in bounds)].contiguous()
-        (r0, r1) = bounds[0]
-        row_elems = shape[1] if len(shape) == 2 else 1
-        row_bytes = row_elems * lazy.itemsize
-        if len(shape) == 1 or bounds[1] == (0, shape[1]):
-            out = torch.empty((r1 - r0, *shape[1:]), dtype=lazy.dtype)
-            if out.numel():
-                read_exact_into(self.file, lazy.offset + r0 * row_bytes, out)
-            return out
-        c0, c1 = bounds[1]
-        out = torch.empty((r1 - r0, c1 - c0), dtype=lazy.dtype)
-        rows_per_read = max(1, _COLUMN_READ_CHUNK // max(row_bytes, 1))
-        for start in range(r0, r1, rows_per_read):
-            stop = min(r1, start + rows_per_read)
-            rows = torch.empty((stop - start, shape[1]), dtype=lazy.dtype)
-            read_exact_into(self.file, lazy.offset + start * row_bytes, rows)
-            out[start - r0 : stop - r0] = rows[:, c0:c1]
-        return out
-
-
-def _dtype_codes(file: Path) -> dict[str, str]:
-    """{tensor name: safetensors dtype code} from the header (kept to report non-float tensors by their code)."""
-    with open(file, "rb") as f:
-        length = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(length))
-    return {name: entry["dtype"] for name, entry in header.items() if name != "__metadata__"}
+        with safe_open(str(self.file), framework="pt") as f:
+            return f.get_slice(self.name)[index]
 
 
 def checkpoint_weight_map(path: str | os.PathLike) -> dict[str, Path]:
@@ -143,12 +96,12 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
             f"e.g. {[(n, weight_map[n].name) for n in unexpected[:5]]}; is config.json the one of these weights?"
         )
     slices = {}
-    for file in dict.fromkeys(weight_map[name] for name in expected):  # headers only, one parse per file
-        header = open_safetensors(file)
-        codes = _dtype_codes(file)
-        for name in expected:
-            if weight_map[name] == file:
-                slices[name] = FileSlice(header[name], codes[name])
+    for file in dict.fromkeys(weight_map[name] for name in expected):  # headers only, one open per file
+        with safe_open(str(file), framework="pt") as f:
+            for name in expected:
+                if weight_map[name] == file:
+                    piece = f.get_slice(name)
+                    slices[name] = FileSlice(file, name, tuple(piece.get_shape()), piece.get_dtype())
     for name, piece in slices.items():
         if piece.shape != expected[name]:
             raise CheckpointError(f"{piece.file}: tensor {name} has shape {piece.shape}, expected {expected[name]} from config.json")
