@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -85,7 +84,21 @@ def build(work: Path, size_gb: float) -> tuple[Path, Path]:
     return base, adapter
 
 
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def child(impl: str, base: str, adapter: str, out: str) -> dict:
+    # ru_maxrss is useless here: Linux carries the parent's peak over fork + exec, and the parent built the model.
+    # VmHWM belongs to this process's own address space (reset by exec), so it is this merge's true peak.
+    import torch  # noqa: F401  (imported before the baseline so both implementations start from the same point)
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    baseline = _status_kib("VmRSS") * 1024
     start = time.perf_counter()
     if impl == "ours":
         from optimum_neuron_peft.merging import merge_adapter_into_base
@@ -99,8 +112,7 @@ def child(impl: str, base: str, adapter: str, out: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
         merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
         merged.save_pretrained(out, max_shard_size="1GB")
-    return {"seconds": time.perf_counter() - start,
-            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"seconds": time.perf_counter() - start, "peak_rss": _status_kib("VmHWM") * 1024, "baseline": baseline}
 
 
 def main() -> None:
@@ -117,8 +129,8 @@ def main() -> None:
     base, adapter = build(args.work, args.size_gb)
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     print(f"base: {size / 1e9:.2f} GB bf16 in {len(list(base.glob('*.safetensors')))} shards; adapter r=16 on 7 targets")
-    print("| implementation | seconds | peak RSS | peak RSS / model size |")
-    print("|---|---|---|---|")
+    print("| implementation | seconds | peak RSS | RSS after imports | peak RSS above imports | above imports / model size |")
+    print("|---|---|---|---|---|---|")
     impls = ["ours"] if args.skip_peft else ["ours", "peft"]
     outputs = {}
     for impl in impls:
@@ -130,8 +142,9 @@ def main() -> None:
             raise SystemExit(1)
         r = json.loads(proc.stdout.strip().splitlines()[-1])
         outputs[impl] = out
-        print(f"| {impl} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} GiB | {r['peak_rss'] / size:.2f} |",
-              flush=True)
+        extra = r["peak_rss"] - r["baseline"]
+        print(f"| {impl} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} GiB | {r['baseline'] / 2**30:.2f} GiB "
+              f"| {extra / 2**30:.2f} GiB | {extra / size:.2f} |", flush=True)
     if "peft" in outputs:
         from safetensors import safe_open
 

@@ -1,16 +1,19 @@
 """Task-tensor merging kernels with the same functions, signatures and results as ``peft.utils.merge_utils``.
 
-Results equal PEFT's bit for bit on float32 inputs; they are faster and use a fraction of the memory because:
+Results equal PEFT's bit for bit on float32 inputs (signed zeros included); they are faster and use a fraction of
+the memory because:
 
-- magnitude pruning finds the k-th largest magnitude with a radix select (histograms of the float bit patterns,
-  which order like the magnitudes) instead of a full ``topk``, and keeps a tiny rule (threshold, tie cut-off)
-  rather than a mask;
+- magnitude pruning finds the k-th largest magnitude with numpy's introselect on the integer bit patterns of |x|
+  (which order like the magnitudes; a radix select off CPU) instead of a full ``topk``, and keeps a tiny rule
+  (threshold, tie cut-off) rather than a mask;
 - DARE draws its Bernoulli masks from the same Mersenne Twister stream as ``torch.bernoulli`` (one 32-bit draw per
   element, in order), vectorised with numpy when a self-check proves the streams identical, else with
   ``torch.bernoulli`` itself;
 - the stacked ``(n, ...)`` tensor is never built: the prune / elect sign / disjoint mean steps are replayed with
-  PEFT's exact expressions on flat chunks. Each step is elementwise or a reduction over the task dimension, so
-  chunking does not change a single bit.
+  PEFT's exact operations, element by element, on chunks small enough to stay in cache, each worker thread in its
+  own preallocated scratch tensors; masks are 0/1 floats (bool comparisons do not vectorize on CPU). Each step is
+  elementwise or a reduction over the task dimension, which we sum in torch's own order, so chunking does not
+  change a single bit.
 
 Ties in magnitude: for float32/float64 a tie at the threshold that must be broken falls back to ``torch.topk`` so
 the kept elements are PEFT's; for float16/bfloat16 (where ties are common) the lowest flat indices are kept: the
@@ -24,6 +27,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Literal, Sequence
 
@@ -46,12 +50,22 @@ __all__ = [
 ]
 
 # Elements per chunk for one task tensor; the stacked chunk holds n times that.
-_CHUNK_ELEMENTS = 1 << 21
+_CHUNK_ELEMENTS = 1 << 18
 _MAJORITY_METHODS = ("total", "frequency")
+_HALF = (torch.float16, torch.bfloat16)  # torch sums these in float32, rounding once
+
+
+def _numpy():
+    """numpy if importable (the CPU fast paths use it), else None."""
+    try:
+        import numpy
+    except ImportError:  # pragma: no cover - numpy ships with every torch wheel we support
+        return None
+    return numpy
 
 
 def _chunks(numel: int, n_tasks: int = 1) -> list[tuple[int, int]]:
-    size = max(1 << 16, _CHUNK_ELEMENTS // max(1, n_tasks))
+    size = max(1 << 14, _CHUNK_ELEMENTS // max(1, n_tasks))
     return [(s, min(s + size, numel)) for s in range(0, numel, size)] or [(0, 0)]
 
 
@@ -85,6 +99,7 @@ class _MagnitudeRule:
 
     def __init__(self, flat: torch.Tensor, k: int):
         self.mode, self.threshold, self.cutoff, self.mask = "ge", 0, 0, None
+        self.has_nan = True  # unless proven otherwise: "keep |x| > t" then needs the comparison path
         numel = flat.numel()
         if k <= 0:
             self.mode = "none"
@@ -92,6 +107,8 @@ class _MagnitudeRule:
             self.mode = "all"
         elif not flat.is_floating_point() or flat.element_size() not in _KEY_DTYPES:
             self._topk_mask(flat, k)
+        elif flat.device.type == "cpu" and _numpy() is not None:
+            self._partition_select(flat, k)
         else:
             self._radix_select(flat, k)
 
@@ -99,6 +116,34 @@ class _MagnitudeRule:
         self.mode = "mask"
         self.mask = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
         self.mask[torch.topk(flat.abs(), k=k, largest=True)[1]] = True
+
+    def _partition_select(self, flat: torch.Tensor, k: int) -> None:
+        """Exact k-th largest key with numpy's introselect (linear time, releases the GIL), in place on the keys."""
+        np = _numpy()
+        keys = _magnitude_key(flat).numpy()  # a fresh array: partitioned in place
+        split = keys.size - k  # after partition: keys[split:] are the k largest, keys[:split] <= keys[split]
+        keys.partition(split)
+        threshold = int(keys[split])
+        self.threshold = threshold
+        equal_below = int(np.count_nonzero(keys[:split] == threshold))
+        if equal_below == 0:  # exactly k keys >= threshold: they are topk's set
+            return
+        if flat.element_size() == 4:  # float32: ties are rare, reproduce PEFT's choice exactly
+            self._topk_mask(flat, k)
+            return
+        self.has_nan = int(keys[split:].max()) > _magnitude_key(flat.new_tensor([math.inf])).item()
+        self._cut_ties(flat, int(np.count_nonzero(keys[split:] == threshold)))
+
+    def _cut_ties(self, flat: torch.Tensor, needed: int) -> None:
+        """Keep key > threshold and the first ``needed`` flat positions with key == threshold."""
+        self.mode = "cutoff"
+        seen = 0
+        for s, e in _chunks(flat.numel()):
+            hits = (_magnitude_key(flat[s:e]) == self.threshold).nonzero().flatten()
+            if seen + hits.numel() >= needed:
+                self.cutoff = s + int(hits[needed - seen - 1]) + 1
+                return
+            seen += hits.numel()
 
     def _radix_select(self, flat: torch.Tensor, k: int) -> None:
         spans = _chunks(flat.numel())
@@ -123,14 +168,30 @@ class _MagnitudeRule:
         if wide:  # float32: ties are rare, reproduce PEFT's choice exactly
             self._topk_mask(flat, k)
             return
-        self.mode = "cutoff"
-        seen = 0
-        for s, e in spans:
-            hits = (_magnitude_key(flat[s:e]) == threshold).nonzero().flatten()
-            if seen + hits.numel() >= needed:
-                self.cutoff = s + int(hits[needed - seen - 1]) + 1
-                return
-            seen += hits.numel()
+        self._cut_ties(flat, needed)
+
+    def multiplier(self, chunk: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+        """PEFT's mask on this chunk: 1 where kept, 0 elsewhere, in ``chunk.dtype``.
+
+        With a normal threshold t, "keep |x| >= t" is ``clamp(sign(|x| - t) + 1, max=1)`` and "keep |x| > t" is
+        ``clamp(sign(|x| - t), min=0)``: float arithmetic that vectorizes (comparisons to bool do not), exact because
+        ``|x| - t`` is 0 only when ``|x| == t`` and otherwise has its sign; ``sign(NaN) == 0`` keeps NaN in the
+        first form, as topk ranks NaN first (the threshold itself is never NaN here).
+        """
+        t = self._float_threshold(chunk.dtype) if self.mode in ("ge", "cutoff") else None
+        if t is not None:
+            end = start + chunk.numel()
+            if self.mode == "ge" or end <= self.cutoff:  # keep |x| >= t
+                return torch.abs(chunk, out=out).sub_(t).sign_().add_(1).clamp_(max=1)
+            if start >= self.cutoff and not self.has_nan:  # keep |x| > t (sign(NaN - t) == 0 would drop NaN)
+                return torch.abs(chunk, out=out).sub_(t).sign_().clamp_(min=0)
+        return out.copy_(self.keep(chunk, start))
+
+    def _float_threshold(self, dtype: torch.dtype) -> float | None:
+        int_dtype, _ = _KEY_DTYPES[torch.empty((), dtype=dtype).element_size()]
+        t = float(torch.tensor(self.threshold, dtype=int_dtype).view(dtype))
+        # 0, or far from subnormals (where flush-to-zero could round a difference to 0); never NaN.
+        return t if t == 0 or 2.0**-100 <= t <= math.inf else None
 
     def keep(self, chunk: torch.Tensor, start: int) -> torch.Tensor:
         end = start + chunk.numel()
@@ -371,28 +432,110 @@ def _flat_tasks(task_tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.reshape(-1) for t in task_tensors]
 
 
+class _Workspace:
+    """Scratch tensors of one worker thread for one merge: the chunk loop then allocates nothing.
+
+    Allocating and freeing a few hundred KiB per op costs more than the op (the pages fault in again each time).
+    """
+
+    def __init__(self, n: int, size: int, dtype: torch.dtype, wide: torch.dtype, device):
+        half = dtype in _HALF
+        self.rows = torch.empty(n, size, dtype=dtype, device=device)  # pruned task values (PEFT's stacked rows)
+        self.wide_rows = torch.empty(n, size, dtype=wide, device=device) if wide != dtype else self.rows
+        self.signs = torch.empty(n, size, dtype=wide, device=device)
+        self.total = torch.empty(size, dtype=torch.float32 if half else dtype, device=device)
+        self.magnitude = torch.empty(size, dtype=dtype, device=device) if half else self.total
+        self.weighted = torch.empty(size, dtype=wide, device=device)
+        self.mixed = torch.empty(size, dtype=torch.float32 if wide in _HALF else wide, device=device)
+        self.count = torch.empty(size, dtype=wide, device=device)
+
+
+def _disjoint_mean(ws: _Workspace, rows: torch.Tensor, w: torch.Tensor, method: str | None) -> torch.Tensor:
+    """PEFT's weighted sum (``method`` None) or elect sign + weighted disjoint mean on one chunk ``rows`` (n, l).
+
+    The same elementwise operations as PEFT in the same order, element by element. Sums over the tasks go like
+    torch's reduction of the stacked tensor: from +0 (-0 + -0 is -0, 0 + -0 + -0 is +0), one row after the other, in
+    float32 for float16/bfloat16, rounded once; except in the tail of lengths that are not a multiple of 64 with five
+    tasks or more, where torch uses another order and so do we (the stacked expressions).
+    """
+    n, l = rows.shape
+    if n > 4 and l % 64:
+        return _disjoint_mean_stacked(rows, w, method)
+    wide_rows = ws.wide_rows[:, :l]
+    if wide_rows.data_ptr() != rows.data_ptr():
+        wide_rows.copy_(rows)  # float16/bfloat16 widened once (exact): mixed-dtype ops are slow
+    weighted, mixed = ws.weighted[:l], ws.mixed[:l]
+    if method is None:
+        for i in range(n):
+            _accumulate(mixed, torch.mul(wide_rows[i], w[i], out=weighted), first=i == 0)
+        return mixed.to(weighted.dtype, copy=True)
+    signs = ws.signs[:, :l]
+    torch.sign(wide_rows, out=signs)
+    if method == "total":  # the sum of the rows in their own dtype (float32 accumulation for float16/bfloat16)
+        total = ws.total[:l]
+        for i in range(n):
+            _accumulate(total, rows[i], first=i == 0)
+        magnitude = ws.magnitude[:l]
+        if magnitude.data_ptr() != total.data_ptr():
+            magnitude.copy_(total)  # rounded once to float16/bfloat16, like torch's sum
+    else:  # small integers: exact in any order or dtype
+        magnitude = ws.count[:l]
+        torch.sum(signs, dim=0, out=magnitude)
+    # where(magnitude >= 0, 1, -1) and the masks sign == majority as float arithmetic: bool ops do not vectorize.
+    majority = ws.weighted[:l]
+    majority.copy_(magnitude.sign_().add_(0.5).sign_())
+    selected = signs.mul_(majority).clamp_(min=0).add_(0.0)  # 1 or +0 (adding +0 turns -0 into +0)
+    count = ws.count[:l]
+    torch.sum(selected, dim=0, out=count)
+    for i in range(n):
+        _accumulate(mixed, torch.mul(wide_rows[i], w[i], out=weighted).mul_(selected[i]), first=i == 0)
+    return mixed.to(weighted.dtype) / torch.clamp(count, min=1.0).to(torch.get_default_dtype())
+
+
+def _accumulate(total: torch.Tensor, row: torch.Tensor, first: bool) -> None:
+    """``total += row``, starting from +0 when ``first``."""
+    if first:
+        total.copy_(row)
+        total.add_(0.0)
+    else:
+        total.add_(row)
+
+
+def _disjoint_mean_stacked(stacked: torch.Tensor, w: torch.Tensor, method: str | None) -> torch.Tensor:
+    """PEFT's own expressions on a stacked chunk (five tasks or more on a length torch reduces in another order)."""
+    if method is None:
+        return (stacked * w).sum(dim=0)
+    return _disjoint(stacked * w, _elect(stacked, method))
+
+
 def _merge(
     task_tensors: Sequence[torch.Tensor],
     weights,
-    pruner: Callable[[int, torch.Tensor], Callable[[torch.Tensor, int], torch.Tensor]] | None,
+    pruner: Callable[[int, torch.Tensor], Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]] | None,
     majority_sign_method: str | None,
 ) -> torch.Tensor:
     """Prune each task tensor, weight, then sum (``majority_sign_method`` None) or take the disjoint mean."""
     flats = _flat_tasks(task_tensors)
     w = _as_weights(task_tensors, weights)
     prune_chunk = [pruner(i, f) for i, f in enumerate(flats)] if pruner is not None else None
+    n, numel, dtype, device = len(flats), flats[0].numel(), flats[0].dtype, flats[0].device
+    size = max((e - s for s, e in _chunks(numel, n)), default=0)
+    wide = torch.promote_types(dtype, w.dtype)
+    spaces: dict[int, _Workspace] = {}
 
     def compute(s: int, e: int) -> torch.Tensor:
-        if prune_chunk is None:
-            stacked = torch.stack([f[s:e] for f in flats], dim=0)
-        else:
-            stacked = torch.stack([p(f[s:e], s) for p, f in zip(prune_chunk, flats)], dim=0)
-        if majority_sign_method is None:
-            return (stacked * w).sum(dim=0)
-        mask = _elect(stacked, majority_sign_method)
-        return _disjoint(stacked * w, mask)
+        ws = spaces.get(threading.get_ident())
+        if ws is None:
+            ws = spaces[threading.get_ident()] = _Workspace(n, size, dtype, wide, device)
+        rows = ws.rows[:, : e - s]
+        for i, f in enumerate(flats):
+            if prune_chunk is None:
+                rows[i].copy_(f[s:e])
+            else:
+                prune_chunk[i](f[s:e], s, rows[i])
+        return _disjoint_mean(ws, rows, w, majority_sign_method)
 
-    return _run_chunked(flats[0].numel(), len(flats), compute).view(task_tensors[0].shape)
+    return _run_chunked(numel, n, compute).view(task_tensors[0].shape)
 
 
 def _magnitude_pruner(density: float):
@@ -401,7 +544,7 @@ def _magnitude_pruner(density: float):
 
     def make(_: int, flat: torch.Tensor):
         rule = _MagnitudeRule(flat, int(density * flat.numel()))
-        return lambda chunk, start: chunk * rule.keep(chunk, start)
+        return lambda chunk, start, out: torch.mul(chunk, rule.multiplier(chunk, start, out), out=out)
 
     return make
 
@@ -413,10 +556,14 @@ def _random_pruner(density: float, generator: torch.Generator | None):
     masks: dict[int, torch.Tensor] = {}
 
     def make(i: int, flat: torch.Tensor):
-        masks[i] = _bernoulli_mask(flat, density, generator)
-        if density == 0:
-            return lambda chunk, start: chunk * masks[i][start : start + chunk.numel()]
-        return lambda chunk, start: (chunk * masks[i][start : start + chunk.numel()]) / density
+        masks[i] = _bernoulli_mask(flat, density, generator).view(torch.uint8)  # uint8 -> float vectorizes
+
+        def pruned(chunk: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
+            out.copy_(masks[i][start : start + chunk.numel()])
+            out.mul_(chunk)  # chunk * mask: the same product
+            return out.div_(density) if density != 0 else out
+
+        return pruned
 
     return make
 

@@ -19,9 +19,10 @@ def _tasks(n, shape, dtype=torch.float32, seed=0):
 
 @pytest.fixture(autouse=True)
 def small_chunks(monkeypatch):
-    # Several chunks even on small tensors, so the chunked replay is what gets tested.
+    # Several chunks even on small tensors, so the chunked replay is what gets tested; 960 is a multiple of 64 (the
+    # row-by-row sums) that is not a power of two, and most tensors end in a shorter chunk.
     monkeypatch.setattr(ours, "_CHUNK_ELEMENTS", 1 << 16)
-    monkeypatch.setattr(ours, "_chunks", lambda numel, n=1: [(s, min(s + 997, numel)) for s in range(0, numel, 997)]
+    monkeypatch.setattr(ours, "_chunks", lambda numel, n=1: [(s, min(s + 960, numel)) for s in range(0, numel, 960)]
                         or [(0, 0)])
 
 
@@ -71,6 +72,49 @@ def test_ties_methods_and_dtypes(method, dtype):
         torch.testing.assert_close(got, want, **EXACT)
     else:  # bf16: magnitude ties may be broken differently; no ties at density 1
         torch.testing.assert_close(ours.ties(xs, w, 1.0, method), ref.ties(xs, w, 1.0, method), **EXACT)
+
+
+@pytest.mark.filterwarnings("ignore:The density")
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("length", [1, 15, 64, 1000, 1024, 4101])
+@pytest.mark.parametrize("n", [1, 2, 4, 5, 7])
+def test_sums_over_tasks_like_peft(n, length, dtype, wdtype):
+    # Rows of very different scales: any change in the order or precision of the sums shows.
+    g = torch.Generator().manual_seed(n * length)
+    xs = [(torch.randn(length, generator=g) * 2.0 ** (4 * i - 2 * n)).to(dtype) for i in range(n)]
+    w = torch.linspace(1.5, -0.5, n).to(wdtype)
+    torch.testing.assert_close(ours.task_arithmetic(xs, w), ref.task_arithmetic(xs, w), **EXACT)
+    for method in ("total", "frequency"):  # density 1: no pruning, so no magnitude ties in 16 bits
+        torch.testing.assert_close(ours.ties(xs, w, 1.0, method), ref.ties(xs, w, 1.0, method), **EXACT)
+
+
+@pytest.mark.parametrize("name", ["magnitude_prune", "ties", "task_arithmetic"])
+@pytest.mark.parametrize("shape", [(64, 48), (96, 40)])
+def test_five_tasks_bit_exact(name, shape):
+    xs = _tasks(5, shape, seed=11)
+    w = torch.tensor([0.4, -0.3, 0.2, 0.1, 0.7])
+    args = () if name == "task_arithmetic" else (0.3,)
+    torch.testing.assert_close(getattr(ours, name)(xs, w, *args), getattr(ref, name)(xs, w, *args), **EXACT)
+
+
+@pytest.mark.parametrize("method", ["total", "frequency"])
+@pytest.mark.parametrize("name", ["ties", "magnitude_prune", "dare_ties"])
+def test_special_values_like_peft(name, method):
+    xs = _tasks(3, (40, 48), seed=5)
+    xs[0][0, :6] = torch.tensor([float("inf"), -float("inf"), -0.0, 0.0, 1e-39, -1e-39])
+    xs[1][0, :6] = torch.tensor([-float("inf"), 3.0, -0.0, -0.0, -1e-39, 1e-39])
+    xs[2][0, :6] = torch.tensor([1.0, float("nan"), -0.0, 2.0, 0.0, -0.0])
+    xs[1][3, :] = -0.0
+    w = torch.tensor([0.5, -1.0, 2.0])
+    args = (0.6,) if name == "magnitude_prune" else (0.6, method)
+    torch.manual_seed(3)
+    want = getattr(ref, name)(xs, w, *args)
+    torch.manual_seed(3)
+    got = getattr(ours, name)(xs, w, *args)
+    torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+    numbers = ~want.isnan()
+    assert torch.equal(torch.signbit(got[numbers]), torch.signbit(want[numbers]))  # signed zeros too
 
 
 @pytest.mark.parametrize("method", ["total", "frequency"])
