@@ -40,22 +40,22 @@ def split_along_dim(tensor: torch.Tensor, dim: int, tp: TensorParallel) -> torch
     return tensor.narrow(dim, tp.rank * chunk, chunk).contiguous()
 
 
-def all_reduce_sum(tensor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
-    """Sum of ``tensor`` over the group (a new tensor)."""
+def _all_reduce(tensor: torch.Tensor, tp: TensorParallel, op: dist.ReduceOp) -> torch.Tensor:
     if not tp.is_parallel:
         return tensor
     out = tensor.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.SUM, group=tp.group)
+    dist.all_reduce(out, op=op, group=tp.group)
     return out
+
+
+def all_reduce_sum(tensor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """Sum of ``tensor`` over the group (a new tensor)."""
+    return _all_reduce(tensor, tp, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
     """Element-wise maximum of ``tensor`` over the group (a new tensor)."""
-    if not tp.is_parallel:
-        return tensor
-    out = tensor.contiguous().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX, group=tp.group)
-    return out
+    return _all_reduce(tensor, tp, dist.ReduceOp.MAX)
 
 
 def all_gather_along_dim(tensor: torch.Tensor, dim: int, tp: TensorParallel) -> torch.Tensor:
