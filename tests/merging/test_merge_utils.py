@@ -190,3 +190,24 @@ def test_property_half_magnitude_kept_count(numel, density, dtype, seed):
     n_kept = sum(int(kept.keep(x[s:s + 500], s).sum()) for s in range(0, numel, 500))
     assert n_kept == int(density * numel)
     torch.testing.assert_close(got.abs().sort().values, want.abs().sort().values, **EXACT)
+
+
+@pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
+def test_dare_masks_drawn_in_parallel_spans_are_peft_masks(monkeypatch, name):
+    # Uneven spans, each past the first drawn from a jumped-ahead state by its own thread.
+    monkeypatch.setattr(ours, "_draw_spans", lambda numel: [(0, numel // 5), (numel // 5, numel // 2), (numel // 2, numel)])
+    xs = _tasks(3, (97, 61), torch.bfloat16, seed=8)
+    w = torch.tensor([0.5, -0.2, 0.7])
+    torch.manual_seed(123)
+    want, after_ref = getattr(ref, name)(xs, w, 0.4), torch.rand(5)
+    g = torch.Generator().manual_seed(123)
+    got, after_ours = getattr(ours, name)(xs, w, 0.4, generator=g), torch.rand(5, generator=g)
+    torch.testing.assert_close(got, want, **EXACT)
+    torch.testing.assert_close(after_ours, after_ref, **EXACT)
+
+
+def test_draw_spans_cover_the_stream_once():
+    for numel in (0, 5, ours._MIN_DRAWS_PER_THREAD * 3 + 7):
+        spans = ours._draw_spans(numel)
+        assert spans[0][0] == 0 and spans[-1][1] == numel
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
