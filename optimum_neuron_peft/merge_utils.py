@@ -219,6 +219,7 @@ _MT_N = 624
 _STATE_HEADER = struct.Struct("<QiiQ")  # the_initial_seed, left, seeded, next; then uint64 state[624]
 _fast_bernoulli_ok: dict[torch.dtype, bool] = {}
 _MIN_DRAWS_PER_THREAD = 1 << 23
+_DRAW_CHUNK = 1 << 20  # draws per numpy call: 4 MiB of uint32 scratch per thread
 
 
 def _torch_bernoulli(numel: int, dtype: torch.dtype, density: float, generator, device) -> torch.Tensor:
@@ -278,8 +279,8 @@ def _numpy_bernoulli(
     def draw(span: tuple[int, int], key, pos) -> dict:
         bit_gen = mt19937.bit_generator(key, pos)
         draws = np.random.Generator(bit_gen)
-        for s in range(span[0], span[1], 1 << 22):
-            e = min(s + (1 << 22), span[1])
+        for s in range(span[0], span[1], _DRAW_CHUNK):
+            e = min(s + _DRAW_CHUNK, span[1])
             r = draws.integers(0, 1 << 32, size=e - s, dtype=np.uint32)
             np.less(np.bitwise_and(r, 0xFFFFFF, out=r), limit, out=out_np[s:e])
         return bit_gen.state["state"]

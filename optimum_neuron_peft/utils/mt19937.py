@@ -141,4 +141,8 @@ def jumped(key: np.ndarray, pos: int, n: int) -> tuple[np.ndarray, int]:
     coefficients = np.frombuffer(g.to_bytes(DEGREE // 8 + 1, "little"), dtype=np.uint8)
     selected = np.unpackbits(coefficients, bitorder="little")[:DEGREE].astype(bool)
     windows = np.lib.stride_tricks.sliding_window_view(ahead, MT_N)[:DEGREE]
-    return np.bitwise_xor.reduce(windows[selected], axis=0), 0  # the 624 words from draw n on: temper key[0] next
+    key = np.zeros(MT_N, dtype=_U)
+    for start in range(0, DEGREE, 2048):  # in blocks: the selected windows would be ~25 MB at once
+        block = windows[start : start + 2048][selected[start : start + 2048]]
+        key ^= np.bitwise_xor.reduce(block, axis=0) if len(block) else 0
+    return key, 0  # the 624 words from draw n on: temper key[0] next
