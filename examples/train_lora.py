@@ -206,13 +206,8 @@ def build_peft_model(args: argparse.Namespace, model_dir: Path, output_dir: Path
 def init_process_group(backend: str | None) -> tuple[int, int]:
     from optimum_neuron_peft.parallel import init_distributed_from_env
 
-    if backend == "xla":
-        # Trainium (untested here): the XLA backend is registered by importing torch_xla's module.
-        import torch_xla.distributed.xla_backend  # noqa: F401
-
-        dist.init_process_group("xla", init_method="xla://")
-        return dist.get_rank(), dist.get_world_size()
-    return init_distributed_from_env(backend)  # gloo / nccl from torchrun's environment
+    # gloo / nccl from torchrun's environment; "xla" (Trainium, untested here) rendezvous through "xla://"
+    return init_distributed_from_env(backend)
 
 
 def pick_device(args: argparse.Namespace) -> torch.device:

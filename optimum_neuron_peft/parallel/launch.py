@@ -182,14 +182,43 @@ def _stop(procs: list, grace_s: float) -> None:
             proc.join()
 
 
-def init_distributed_from_env(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+def init_distributed_from_env(
+    backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S, init_method: str | None = None
+) -> tuple[int, int]:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
     Returns (rank, world_size). Already initialized: returns its values. ``backend`` defaults to "nccl" when CUDA
-    is available and "gloo" otherwise; on Trainium pass "xla" after ``import torch_xla.distributed.xla_backend``.
+    is available and "gloo" otherwise. ``backend="xla"`` (Trainium) registers torch_xla's backend and rendezvous
+    through ``init_method="xla://"``, which takes the group from the Neuron runtime instead of the environment. An
+    explicit ``init_method`` (``file://``, ``tcp://``, ``xla://``) is passed through, with RANK / WORLD_SIZE from the
+    environment when they are set.
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
+    if backend == "xla" and init_method is None:
+        init_method = "xla://"
+    if backend == "xla":
+        try:
+            import torch_xla.distributed.xla_backend  # noqa: F401  (registers the "xla" backend)
+        except ImportError:
+            raise ConfigError("init_distributed_from_env: backend 'xla' needs torch_xla (torch-neuronx on Trainium), "
+                              "which is not installed") from None
+    if init_method is None:
+        missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+        if missing:
+            raise ConfigError(
+                f"init_distributed_from_env: environment variables {missing} are not set; launch with torchrun "
+                "(or use launch.spawn for a local group)"
+            )
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    ranks = {}
+    if init_method is not None and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        ranks = dict(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend, init_method=init_method, timeout=datetime.timedelta(seconds=timeout_s), **ranks)
+    return dist.get_rank(), dist.get_world_size()
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise ConfigError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import pytest
@@ -42,3 +43,22 @@ def test_init_distributed_from_env_names_missing_variables(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="WORLD_SIZE"):
         init_distributed_from_env()
+
+
+def test_init_distributed_with_an_explicit_init_method(monkeypatch, tmp_path):
+    # No MASTER_ADDR / MASTER_PORT: the init method does the rendezvous (as "xla://" does on Trainium).
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    try:
+        assert init_distributed_from_env("gloo", init_method=f"file://{tmp_path / 'store'}") == (0, 1)
+        assert dist.get_backend() == "gloo"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_init_distributed_xla_without_torch_xla_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch_xla", None)  # absent, even where a placeholder package is installed
+    with pytest.raises(ConfigError, match="backend 'xla' needs torch_xla"):
+        init_distributed_from_env("xla")
