@@ -321,13 +321,20 @@ def _fast_path_available(dtype: torch.dtype) -> bool:
     return _fast_bernoulli_ok[dtype]
 
 
-def _bernoulli_mask(tensor: torch.Tensor, density: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Flat bool mask equal to ``torch.bernoulli(torch.full_like(tensor, density), generator=generator) == 1``."""
-    if tensor.device.type == "cpu":
+def _bernoulli_masks(tensors: Sequence[torch.Tensor], density: float, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Flat bool masks equal to ``torch.bernoulli(torch.full_like(t, density), generator=generator) == 1`` for each
+    tensor in turn. One stream: the numpy path draws all of them at once, so one set of spans covers every tensor."""
+    first = tensors[0]
+    if first.device.type == "cpu":
         generator = generator if generator is not None else torch.default_generator
-        if tensor.dtype in (torch.float32, torch.float16, torch.bfloat16) and _fast_path_available(tensor.dtype):
-            return _numpy_bernoulli(tensor.numel(), tensor.dtype, density, generator)
-    return _torch_bernoulli(tensor.numel(), tensor.dtype, density, generator, tensor.device)
+        if (
+            all(t.dtype == first.dtype and t.device == first.device for t in tensors)
+            and first.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and _fast_path_available(first.dtype)
+        ):
+            drawn = _numpy_bernoulli(sum(t.numel() for t in tensors), first.dtype, density, generator)
+            return list(drawn.split([t.numel() for t in tensors]))
+    return [_torch_bernoulli(t.numel(), t.dtype, density, generator, t.device) for t in tensors]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -354,7 +361,8 @@ def random_pruning(
     tensor: torch.Tensor, density: float, rescale: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """Keep each value with probability ``density`` (the masks of PEFT for the same random state)."""
-    mask = _bernoulli_mask(tensor, density, generator).view(tensor.shape)
+    (mask,) = _bernoulli_masks([tensor], density, generator)
+    mask = mask.view(tensor.shape)
     pruned = tensor * mask
     if rescale and density > 0:
         pruned = pruned / density
@@ -549,13 +557,13 @@ def _disjoint_mean_stacked(stacked: torch.Tensor, w: torch.Tensor, method: str |
 def _merge(
     task_tensors: Sequence[torch.Tensor],
     weights,
-    pruner: Callable[[int, torch.Tensor], Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]] | None,
+    pruner: Callable[[list[torch.Tensor]], list[Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor]]] | None,
     majority_sign_method: str | None,
 ) -> torch.Tensor:
     """Prune each task tensor, weight, then sum (``majority_sign_method`` None) or take the disjoint mean."""
     flats = _flat_tasks(task_tensors)
     w = _as_weights(task_tensors, weights)
-    prune_chunk = [pruner(i, f) for i, f in enumerate(flats)] if pruner is not None else None
+    prune_chunk = pruner(flats) if pruner is not None else None
     n, numel, dtype, device = len(flats), flats[0].numel(), flats[0].dtype, flats[0].device
     size = max((e - s for s, e in _chunks(numel, n)), default=0)
     wide = torch.promote_types(dtype, w.dtype)
@@ -580,30 +588,29 @@ def _magnitude_pruner(density: float):
     if not _check_density(density):
         return None
 
-    def make(_: int, flat: torch.Tensor):
+    def make(flat: torch.Tensor):
         rule = _MagnitudeRule(flat, int(density * flat.numel()))
         return lambda chunk, start, out: torch.mul(chunk, rule.multiplier(chunk, start, out), out=out)
 
-    return make
+    return lambda flats: [make(flat) for flat in flats]
 
 
 def _random_pruner(density: float, generator: torch.Generator | None):
     if not _check_density(density):
         return None
-    # Draw every mask first, task by task, to consume the random stream in PEFT's order.
-    masks: dict[int, torch.Tensor] = {}
 
-    def make(i: int, flat: torch.Tensor):
-        masks[i] = _bernoulli_mask(flat, density, generator).view(torch.uint8)  # uint8 -> float vectorizes
+    def make(mask: torch.Tensor):
+        mask = mask.view(torch.uint8)  # uint8 -> float vectorizes
 
         def pruned(chunk: torch.Tensor, start: int, out: torch.Tensor) -> torch.Tensor:
-            out.copy_(masks[i][start : start + chunk.numel()])
+            out.copy_(mask[start : start + chunk.numel()])
             out.mul_(chunk)  # chunk * mask: the same product
             return out.div_(density) if density != 0 else out
 
         return pruned
 
-    return make
+    # Every mask first, task after task: the random stream consumed in PEFT's order.
+    return lambda flats: [make(mask) for mask in _bernoulli_masks(flats, density, generator)]
 
 
 def task_arithmetic(task_tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
