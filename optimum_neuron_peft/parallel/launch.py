@@ -219,15 +219,3 @@ def init_distributed_from_env(
         ranks = dict(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     dist.init_process_group(backend, init_method=init_method, timeout=datetime.timedelta(seconds=timeout_s), **ranks)
     return dist.get_rank(), dist.get_world_size()
-    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if missing:
-        raise ConfigError(
-            f"init_distributed_from_env: environment variables {missing} are not set; launch with torchrun "
-            "(or use launch.spawn for a local group)"
-        )
-    if backend is None:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and "LOCAL_RANK" in os.environ:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size()
