@@ -1,14 +1,17 @@
 """Benchmark: streaming consolidation vs the `cp -r` floor vs a whole-in-memory baseline.
 
 Builds synthetic Llama-shaped checkpoints (GQA, bf16, tp=8 by default) in our sharded format and in
-optimum-neuron's plain format, then measures, each in its own child process (peak RSS from ``os.wait4``):
+optimum-neuron's plain format, then measures, each in its own child process (peak RSS from GNU time):
 
 - ``cp -r`` of the rank files + fsync of the copies (the floor: consolidation fsyncs its output too);
-- ``optimum-neuron-peft consolidate`` of our format and of optimum-neuron's plain format;
+- ``optimum-neuron-peft consolidate`` of our format and of optimum-neuron's plain format, as a user runs it: both
+  are full-model checkpoints, so the torch-free engine takes them (checked once, untimed, with
+  ``--engine torch-free``, which fails rather than fall back);
+- the same command with ``--engine torch`` on our format: the torch engine, for comparison;
 - the whole-in-memory baseline: ``torch.load`` every rank, gather every tensor, save the shards (what
   optimum-neuron's consolidation does);
-- ``python -c "import optimum_neuron_peft.checkpoint.consolidate"``: the interpreter + torch start-up that every
-  consolidate figure includes and the ``cp`` floor does not.
+- the fixed start-up costs inside those figures: the interpreter + the imports of the torch-free CLI path, and
+  ``python -c "import optimum_neuron_peft.checkpoint.consolidate"`` (the torch engine: interpreter + torch).
 
 All inputs are in the page cache (written just before; nothing is dropped), for every measurement alike.
 
@@ -135,14 +138,21 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
 
 def measure(root: Path, repeats: int) -> dict:
     py = sys.executable
+    consolidate = [py, "-m", "optimum_neuron_peft", "consolidate"]
+    for source in ("ours", "on"):  # the timed runs below must not be torch-engine fallbacks
+        out = root / "out"
+        subprocess.run([*consolidate, str(root / source), str(out), "--no-progress", "--engine", "torch-free"], check=True, capture_output=True)
+        shutil.rmtree(out)
     results = {}
     cases = {
         "cp -r + fsync (floor)": lambda out: ["sh", "-c", f"cp -r {root / 'ours' / 'shards'} {out} && find {out} -type f -exec sync {{}} +"],
-        "consolidate (ours)": lambda out: [py, "-m", "optimum_neuron_peft", "consolidate", str(root / "ours"), str(out), "--no-progress"],
-        "consolidate (optimum-neuron plain)": lambda out: [py, "-m", "optimum_neuron_peft", "consolidate", str(root / "on"), str(out), "--no-progress"],
+        "consolidate (ours)": lambda out: [*consolidate, str(root / "ours"), str(out), "--no-progress"],
+        "consolidate (optimum-neuron plain)": lambda out: [*consolidate, str(root / "on"), str(out), "--no-progress"],
+        "consolidate --engine torch (ours)": lambda out: [*consolidate, str(root / "ours"), str(out), "--no-progress", "--engine", "torch"],
         "whole-in-memory baseline": lambda out: [py, "-c", BASELINE, str(root / "on"), str(out)],
-        # The fixed cost inside every consolidate figure above: interpreter start + `import torch` (+ the package).
-        "python + imports only (fixed cost)": lambda out: [py, "-c", "import optimum_neuron_peft.checkpoint.consolidate"],
+        # The fixed costs inside the consolidate figures above: interpreter start + imports.
+        "python + imports, torch-free CLI path": lambda out: [py, "-c", "import optimum_neuron_peft.cli.consolidate, optimum_neuron_peft.checkpoint.torch_free"],
+        "python + imports, torch engine": lambda out: [py, "-c", "import optimum_neuron_peft.checkpoint.consolidate"],
     }
     for name, cmd in cases.items():
         runs = []

@@ -3,27 +3,15 @@
 The weight transformation API is importable from the top level; the runtime (`optimum_neuron_peft.parallel`),
 models (`.models`), PEFT integration (`.peft`), checkpoints (`.checkpoint`) and merging (`.merge_utils`,
 `.merging`) live in their subpackages.
+
+The top-level names are resolved on first use (PEP 562): importing the package, or the CLI, does not import torch,
+so a command that needs no tensor math (consolidating a full-model checkpoint) starts in a fraction of a second.
 """
 
-from .transformations import (
-    CustomModule,
-    FusedLinearsSpec,
-    GQAQKVColumnParallelLinearSpec,
-    ModelWeightTransformationSpec,
-    ModelWeightTransformationSpecs,
-    adapt_peft_config_for_model,
-    adapt_state_dict,
-    create_local_fused_weight,
-    create_local_weight_with_padding,
-    create_parameter_metadata,
-    get_adapter_name,
-    get_tensor_model_parallel_attributes,
-    is_base_layer,
-    remove_adapter_name,
-    specialize_transformation_specs_for_model,
-    to_original_peft_config_for_model,
-    to_original_weights,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -46,3 +34,15 @@ __all__ = [
     "to_original_peft_config_for_model",
     "to_original_weights",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        value = getattr(importlib.import_module(".transformations", __name__), name)
+        globals()[name] = value  # resolved once
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

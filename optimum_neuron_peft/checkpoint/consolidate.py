@@ -12,6 +12,10 @@ Output layout (``OUTPUT_DIR``):
 - model only, or ``--adapter NAME``, or a single adapter without model: that directory at ``OUTPUT_DIR``;
 - model and adapters: the model at ``OUTPUT_DIR``, each adapter at ``OUTPUT_DIR/<adapter name>/``;
 - several adapters without model: ``OUTPUT_DIR/<adapter name>/`` each.
+
+Two engines write the same bytes: a full-model checkpoint consolidated as saved (no ``dtype``, safetensors, no
+``verify``) goes through `torch_free` (declared provenance, byte copies, no torch import); everything else, and
+anything that engine does not validate or support, through the torch engine below.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,18 +35,19 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
-from ..utils.atomic import atomic_output_dir, check_output_dir
+from ..utils.atomic import atomic_output_dir
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
-from .hf_output import OutputFormat, WeightsWriter, parse_max_shard_size
+from .consolidation import SLEEP_ENV, ConsolidationResult, check_arguments, copy_root_files
+from .hf_output import OutputFormat, WeightsWriter
 from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
+from .torch_free import ENGINES, try_consolidate
 
 PEFT_PREFIX = "base_model.model."
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
-# Test hook: seconds to sleep after each group, so a test can kill a consolidation half-way.
-SLEEP_ENV = "OPTIMUM_NEURON_PEFT_TEST_SLEEP_PER_GROUP"
+__all__ = ["ConsolidationResult", "SLEEP_ENV", "consolidate", "plan_consolidation"]
 
 
 @dataclass
@@ -70,22 +74,6 @@ class TargetPlan:
     @property
     def plans(self) -> list[TensorPlan]:
         return [plan for g in self.groups for _, plan in g.outputs]
-
-
-@dataclass
-class ConsolidationResult:
-    output_dir: Path
-    tensors: int
-    bytes: int
-    seconds: float
-    directories: dict[str, Path] = field(default_factory=dict)  # "model" / adapter name -> directory
-
-    def summary(self) -> str:
-        rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
-        return (
-            f"consolidated {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
-            f"({rate:.2f} GB/s) -> {self.output_dir}"
-        )
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -372,12 +360,6 @@ def _torch_threads(count: int):
         torch.set_num_threads(before)
 
 
-def _check_not_inside(checkpoint_dir: Path, output_dir: Path) -> None:
-    src, out = checkpoint_dir.resolve(), output_dir.resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise CheckpointError(f"{output_dir}: the output directory must not contain or be inside the input {checkpoint_dir}")
-
-
 def consolidate(
     checkpoint_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -390,6 +372,7 @@ def consolidate(
     verify: bool = False,
     check_checksums: bool = False,
     progress: bool = False,
+    engine: Literal["auto", "torch", "torch-free"] = "auto",
 ) -> ConsolidationResult:
     """Consolidate ``checkpoint_dir`` (our sharded format or optimum-neuron's) into ``output_dir``.
 
@@ -398,13 +381,23 @@ def consolidate(
     ``dtype`` casts floating tensors. ``verify`` re-derives every rank's shards from the output and compares them
     bit for bit before the output is published (with ``dtype``, against the input cast to it). The output is
     written atomically; a non-empty ``output_dir`` is refused unless ``overwrite``. Raises `CheckpointError`.
+
+    ``engine="auto"`` consolidates a full-model checkpoint by byte copies without torch when nothing asks for
+    tensor math (see `torch_free`; same output bytes), ``"torch-free"`` raises where that engine does not apply,
+    ``"torch"`` always takes the torch engine.
     """
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    _check_not_inside(checkpoint_dir, output_dir)
-    check_output_dir(output_dir, overwrite)
-    if format not in ("safetensors", "pytorch"):
-        raise CheckpointError(f"output format must be 'safetensors' or 'pytorch', got {format!r}")
-    parse_max_shard_size(max_shard_size)
+    check_arguments(checkpoint_dir, output_dir, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
+    if engine not in ENGINES:
+        raise CheckpointError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if engine != "torch":
+        result = try_consolidate(
+            checkpoint_dir, output_dir, format=format, max_shard_size=max_shard_size, adapter=adapter, dtype=dtype,
+            overwrite=overwrite, verify=verify, check_checksums=check_checksums, progress=progress,
+            required=engine == "torch-free",
+        )
+        if result is not None:
+            return result
     cast = parse_dtype(dtype)
     start = time.perf_counter()
     checkpoint, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
@@ -425,9 +418,7 @@ def consolidate(
                     writer.abort()
                     raise
                 if target.kind == "model":
-                    for path in [checkpoint.config_file, *checkpoint.extra_files]:
-                        if path is not None:
-                            shutil.copyfile(path, directory / Path(path).name)
+                    copy_root_files([checkpoint.config_file, *checkpoint.extra_files], directory)
                 else:
                     (directory / "adapter_config.json").write_text(json.dumps(target.adapter_config, indent=2) + "\n")
                 directories["model" if target.kind == "model" else target.part.adapter_name] = output_dir / target.subdir

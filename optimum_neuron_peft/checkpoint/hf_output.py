@@ -11,15 +11,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import TYPE_CHECKING, Any, Iterable, Literal
 
-import torch
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
 from ..errors import CheckpointError
 from .stream_writer import SafetensorsStreamWriter, TensorPlan
 
+if TYPE_CHECKING:
+    import torch
+
 OutputFormat = Literal["safetensors", "pytorch"]
+SAFETENSORS_METADATA = {"format": "pt"}  # what Transformers' save_pretrained writes
 _NAMES = {
     ("model", "safetensors"): ("model.safetensors", "model{suffix}.safetensors", "model.safetensors.index.json"),
     ("model", "pytorch"): ("pytorch_model.bin", "pytorch_model{suffix}.bin", "pytorch_model.bin.index.json"),
@@ -36,6 +39,29 @@ def parse_max_shard_size(value: int | str) -> int:
     if size <= 0:
         raise CheckpointError(f"max shard size must be positive, got {value!r}")
     return size
+
+
+def split_into_files(
+    plans: dict[str, TensorPlan], kind: Literal["model", "adapter"], format: OutputFormat, max_shard_size: int | str
+) -> tuple[dict[str, list[str]], str | None, dict[str, Any] | None]:
+    """(file name -> its tensors in order, index file name, index or None when not sharded) of a model / adapter.
+
+    What ``split_torch_state_dict_into_shards`` does with meta tensors (storage size = nbytes, no storage id),
+    without creating meta tensors: their first use imports sympy and torch._dynamo (~1.5 s)."""
+    single, pattern, index_name = _NAMES[(kind, format)]
+    if pattern is None:
+        return {single: list(plans)}, index_name, None
+    split = split_state_dict_into_shards_factory(
+        plans, get_storage_size=lambda p: p.nbytes, filename_pattern=pattern,
+        max_shard_size=parse_max_shard_size(max_shard_size),
+    )
+    files = {name: list(tensors) for name, tensors in split.filename_to_tensors.items()}
+    index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)} if split.is_sharded else None
+    return files, index_name, index
+
+
+def write_index(directory: Path, index_name: str, index: dict[str, Any]) -> None:
+    (directory / index_name).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 class WeightsWriter:
@@ -56,19 +82,7 @@ class WeightsWriter:
         self.directory = Path(directory)
         self.format = format
         self.plans = {p.name: p for p in plans}
-        single, pattern, self.index_name = _NAMES[(kind, format)]
-        if pattern is None:
-            self.files = {single: list(self.plans)}
-            self.index = None
-        else:
-            # What split_torch_state_dict_into_shards does with meta tensors (storage size = nbytes, no storage id),
-            # without creating meta tensors: their first use imports sympy and torch._dynamo (~1.5 s).
-            split = split_state_dict_into_shards_factory(
-                self.plans, get_storage_size=lambda p: p.nbytes, filename_pattern=pattern,
-                max_shard_size=parse_max_shard_size(max_shard_size),
-            )
-            self.files = {name: list(tensors) for name, tensors in split.filename_to_tensors.items()}
-            self.index = {"metadata": dict(split.metadata), "weight_map": dict(split.tensor_to_filename)} if split.is_sharded else None
+        self.files, self.index_name, self.index = split_into_files(self.plans, kind, format, max_shard_size)
         self.file_of = {t: f for f, names in self.files.items() for t in names}
         self._open: dict[str, SafetensorsStreamWriter | dict[str, torch.Tensor]] = {}
         self._remaining = {f: len(names) for f, names in self.files.items()}
@@ -80,7 +94,7 @@ class WeightsWriter:
         writer = self._open.get(file)
         if writer is None:
             if self.format == "safetensors":
-                writer = SafetensorsStreamWriter(self.directory / file, [self.plans[n] for n in self.files[file]], {"format": "pt"})
+                writer = SafetensorsStreamWriter(self.directory / file, [self.plans[n] for n in self.files[file]], SAFETENSORS_METADATA)
             else:
                 writer = {}
             self._open[file] = writer
@@ -115,6 +129,8 @@ class WeightsWriter:
         self._remaining[file] -= 1
         if self._remaining[file] == 0:
             if isinstance(writer, dict):
+                import torch
+
                 torch.save(writer, self.directory / file)
             else:
                 writer.close()
@@ -128,7 +144,7 @@ class WeightsWriter:
                     writer.abort()
             raise CheckpointError(f"{self.directory / unfinished[0]}: closed before all its tensors were written")
         if self.index is not None:
-            (self.directory / self.index_name).write_text(json.dumps(self.index, indent=2, sort_keys=True) + "\n")
+            write_index(self.directory, self.index_name, self.index)
         return [self.directory / f for f in self.files]
 
     def abort(self) -> None:

@@ -1,36 +1,27 @@
-"""Lazy handles on tensors stored inside files, and a header-only safetensors reader.
+"""Lazy handles on tensors stored inside files (torch side of `stored`).
 
 A :class:`LazyTensor` records where a tensor's bytes live (file, byte offset, dtype, shape, strides) and reads them
 only when :meth:`LazyTensor.load` is called. Reading goes through ``readinto`` into a freshly allocated tensor, so the
 returned tensor owns its memory and nothing (no mmap, no whole-file buffer) stays alive after it is freed: this is
-what lets the consolidation engine bound its memory to the tensors it holds at one time.
+what lets the consolidation engine bound its memory to the tensors it holds at one time. Header parsing and layout
+checks are torch-free, in `stored`; this module adds torch dtypes and reading.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
+from .dtypes import torch_dtype
+from .stored import StoredTensor, check_layout, contiguous_strides, is_dense_layout, read_safetensors_header, storage_span
 
 # A read of more than 2 GiB is split by the kernel anyway; asking for at most this much per call keeps the loop simple.
 _MAX_READ = 1 << 30
-
-
-def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    """Row-major strides of ``shape`` (what ``torch.empty(shape).stride()`` returns)."""
-    strides = []
-    step = 1
-    for size in reversed(shape):
-        strides.append(step)
-        step *= max(size, 1)
-    return tuple(reversed(strides))
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,21 +49,18 @@ class LazyTensor:
         # Validate once, at open time, so that a bad file fails before any consolidation work starts.
         object.__setattr__(self, "shape", torch.Size(self.shape))
         object.__setattr__(self, "file", Path(self.file))
-        stride = contiguous_strides(tuple(self.shape)) if self.stride is None else tuple(self.stride)
-        if len(stride) != len(self.shape) or any(s < 0 for s in stride) or any(d < 0 for d in self.shape):
-            raise CheckpointError(
-                f"{self.file}: tensor '{self.name}' has an invalid layout; expected non-negative sizes and one "
-                f"non-negative stride per dim, found shape {tuple(self.shape)} stride {stride}"
-            )
-        if self.storage_offset < 0 or self.offset < 0:
-            raise CheckpointError(f"{self.file}: tensor '{self.name}' has a negative offset")
-        first, count = self._span()
-        end = (first + count) * self.itemsize
-        if count and end > self.storage_nbytes:
-            raise CheckpointError(
-                f"{self.file}: tensor '{self.name}' needs {end} bytes of its storage, found only "
-                f"{self.storage_nbytes} (truncated or corrupted storage)"
-            )
+        check_layout(
+            self.name, self.file, self.shape, self.stride, self.offset, self.storage_offset, self.storage_nbytes,
+            self.itemsize,
+        )
+
+    @classmethod
+    def from_stored(cls, stored: StoredTensor) -> "LazyTensor":
+        """The same tensor, with its torch dtype."""
+        return cls(
+            stored.name, torch.Size(stored.shape), torch_dtype(stored.dtype), stored.file, stored.offset,
+            stored.storage_nbytes, stored.storage_offset, stored.stride,
+        )
 
     @property
     def itemsize(self) -> int:
@@ -97,16 +85,11 @@ class LazyTensor:
 
     def _span(self) -> tuple[int, int]:
         """(first element, element count) of the storage region the tensor touches."""
-        if self.numel == 0:
-            return self.storage_offset, 0
-        last = self.storage_offset + sum((size - 1) * step for size, step in zip(self.shape, self._strides()))
-        return self.storage_offset, last - self.storage_offset + 1
+        return storage_span(tuple(self.shape), self._strides(), self.storage_offset)
 
     def is_dense(self) -> bool:
         """True when the span read from disk is exactly the tensor in row-major order (no copy needed)."""
-        shape = tuple(self.shape)
-        strides = self._strides()
-        return all(size == 1 or step == want for size, step, want in zip(shape, strides, contiguous_strides(shape)))
+        return is_dense_layout(tuple(self.shape), self._strides())
 
     def load(self) -> torch.Tensor:
         """Read the tensor: a fresh, contiguous CPU tensor that owns its memory."""
@@ -141,78 +124,6 @@ def read_exact_into(path: Path, offset: int, tensor: torch.Tensor) -> None:
             done += got
 
 
-# safetensors dtype codes -> torch dtypes available in this torch build.
-_SAFETENSORS_DTYPES = {
-    code: getattr(torch, name)
-    for code, name in {
-        "F64": "float64",
-        "F32": "float32",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "I64": "int64",
-        "I32": "int32",
-        "I16": "int16",
-        "I8": "int8",
-        "U8": "uint8",
-        "U16": "uint16",
-        "U32": "uint32",
-        "U64": "uint64",
-        "BOOL": "bool",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2": "float8_e5m2",
-        "C64": "complex64",
-    }.items()
-    if hasattr(torch, name)
-}
-
-# Real headers are a few MB at most; a larger length field means a corrupted or foreign file.
-_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
-
-
 def open_safetensors(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """Parse a ``.safetensors`` header and return ``{name: LazyTensor}`` without reading tensor data."""
-    path = Path(path)
-    try:
-        file_size = path.stat().st_size
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise CheckpointError(
-                    f"{path}: expected an 8-byte safetensors header length, found {len(prefix)} bytes"
-                )
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > min(_MAX_SAFETENSORS_HEADER, file_size - 8):
-                raise CheckpointError(
-                    f"{path}: safetensors header length {header_len} exceeds the file size {file_size} (corrupted)"
-                )
-            header = json.loads(handle.read(header_len))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: expected a safetensors file, could not read its header ({err})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: expected a JSON object as safetensors header, found {type(header).__name__}")
-    data_start = 8 + header_len
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: tensor '{name}' has an unreadable header entry {entry!r}; expected a known dtype, "
-                f"shape and data_offsets"
-            ) from None
-        if not 0 <= begin <= end or data_start + end > file_size:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' data [{begin}, {end}) lies outside the {file_size - data_start} data bytes"
-            )
-        lazy = LazyTensor(name, torch.Size(shape), dtype, path, data_start + begin, end - begin)
-        if lazy.nbytes != end - begin:
-            raise CheckpointError(
-                f"{path}: tensor '{name}' of shape {shape} {dtype} needs {lazy.nbytes} bytes, "
-                f"header gives {end - begin}"
-            )
-        tensors[name] = lazy
-    return tensors
+    return {name: LazyTensor.from_stored(stored) for name, stored in read_safetensors_header(path).items()}

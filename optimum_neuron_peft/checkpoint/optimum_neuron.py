@@ -21,11 +21,13 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import CheckpointError
-from .lazy import LazyTensor
 from .torch_zip import TensorReference, load_plain_pickle, open_torch_dict, open_torch_tensor
+
+if TYPE_CHECKING:
+    from .lazy import LazyTensor
 
 Serialization = Literal["plain", "xser"]
 

@@ -19,17 +19,21 @@ of the rows (or columns) of every saved shard, and the ids found in each output 
 Each derivation runs twice with different id bases and must decode to the same provenance, so a rebuild that does
 arithmetic on values, or leaves uninitialized memory in its output, is not mistaken for a data move. Anything that
 fails these checks (a dtype change, an error on index tensors, a non-dense shard on disk) keeps the tensor path.
+
+The provenance types are torch-free (the torch-free consolidation path declares them from spec fields, see
+`declared`); only `derive` imports torch.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import OptimumNeuronPeftError
+
+if TYPE_CHECKING:
+    import torch
 
 SHIFT = 1 << 44  # second row/column of an index tensor: the first plus this
 _BASES = (1 << 20, 1 << 36)  # two id bases; both runs must decode to the same provenance
@@ -52,13 +56,13 @@ class ColumnGather:
 
 
 Provenance = RowCopy | ColumnGather
-Rebuild = Callable[[dict[str, list[torch.Tensor]]], dict[str, torch.Tensor]]
+Rebuild = Callable[[dict[str, list["torch.Tensor"]]], dict[str, "torch.Tensor"]]
 
 
 @dataclass(frozen=True)
 class SourceInfo:
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    dtype: Any  # torch dtype
 
 
 def derive(
@@ -168,12 +172,16 @@ def _column_run(rebuild, sources, subset, outputs, used, base, reverse) -> dict[
 
 
 def _ids(length: int, start: int, width: int) -> torch.Tensor:
+    import torch
+
     ids = torch.arange(start, start + length, dtype=torch.int64)
     return ids if width == 1 else torch.stack([ids, ids + SHIFT], dim=1)
 
 
 def _checked_ids(tensor: torch.Tensor | None, shape: tuple[int, ...], along: int) -> torch.Tensor | None:
     """The first-column ids of an output index tensor, or None when it is not a pure row (column) move."""
+    import torch
+
     if tensor is None or tensor.dtype != torch.int64 or tuple(tensor.shape) != shape:
         return None
     if len(shape) == 1:
@@ -184,6 +192,8 @@ def _checked_ids(tensor: torch.Tensor | None, shape: tuple[int, ...], along: int
 
 def _pieces(ids: torch.Tensor, bases: list[list[int]], sources, axis: int) -> tuple[Piece, ...] | None:
     """Decode ids into (source, rank, first, stop) runs of consecutive positions; None if an id is not valid."""
+    import torch
+
     if ids.numel() == 0:
         return ()
     flat_bases = sorted((b, k, r) for k, ranks in enumerate(bases) for r, b in enumerate(ranks))

@@ -30,7 +30,8 @@ from ..transformations import (
 from ..transformations.model import adapt_state_dict, normalize_parameters_metadata
 from ..transformations.names import add_adapter_name, remove_adapter_name, split_lora_name
 from ..utils.atomic import atomic_output_dir, check_output_dir
-from .consolidate import _check_not_inside, original_weights
+from .consolidate import original_weights
+from .consolidation import check_not_inside
 from .lazy import LazyTensor, open_safetensors
 from .optimum_neuron import ADAPTER_CONFIG, _ROOT_FILES
 from .sharded import (
@@ -255,7 +256,7 @@ def reshard(
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not isinstance(tp_size, int) or tp_size < 1:
         raise CheckpointError(f"--tp-size must be a positive integer, got {tp_size!r}")
-    _check_not_inside(checkpoint_dir, output_dir)
+    check_not_inside(checkpoint_dir, output_dir)
     check_output_dir(output_dir, overwrite)
     start = time.perf_counter()
     parts: list[tuple[str | None, list[OutputStage], Path | None]] = []

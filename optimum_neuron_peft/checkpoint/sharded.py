@@ -19,9 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import CheckpointError
 from .optimum_neuron import (
@@ -36,6 +34,9 @@ from .optimum_neuron import (
     metadata_file_name,
 )
 from .stream_writer import FileRecord, SafetensorsStreamWriter, TensorPlan, sha256_file
+
+if TYPE_CHECKING:  # torch-free at import: the torch-free consolidation path opens checkpoints through this module
+    import torch
 
 FORMAT_NAME = "optimum-neuron-peft-sharded"
 FORMAT_VERSION = 1

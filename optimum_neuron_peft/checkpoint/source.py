@@ -1,39 +1,26 @@
 """A sharded checkpoint (ours or optimum-neuron's) as stages of validated, lazily read tensor groups.
 
 A *group* is the unit of streaming: the saved tensors one `ModelWeightTransformationSpecs` touches (e.g. q/k/v and
-o_proj of one attention block), or one parameter no spec covers. Consolidation, verification and resharding load
-one group from every rank at a time.
+o_proj of one attention block), or one parameter no spec covers (see `grouping`). Consolidation, verification and
+resharding load one group from every rank at a time.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
 from ..errors import CheckpointError, OptimumNeuronPeftError
 from ..transformations import ModelWeightTransformationSpecs, parse_metadata
-from ..transformations.model import normalize_parameters_metadata
-from ..transformations.names import remove_base_layer
+from ..transformations.names import normalize_parameters_metadata, remove_base_layer
+from .detect import Checkpoint, open_checkpoint, source_format_of  # noqa: F401 (re-exported)
+from .grouping import Group, check_ranks_agree, group_tensors
 from .lazy import LazyTensor, open_safetensors
-from .optimum_neuron import OptimumNeuronCheckpoint, ShardedPart, open_rank_file
+from .optimum_neuron import ShardedPart, open_rank_file
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
-from .sharded import ShardedCheckpoint, is_sharded_checkpoint
-
-Checkpoint = ShardedCheckpoint | OptimumNeuronCheckpoint
-
-
-def open_checkpoint(path: str | os.PathLike, *, check_checksums: bool = False) -> Checkpoint:
-    """Our format when ``path/manifest.json`` exists, else optimum-neuron's. One-line `CheckpointError` otherwise."""
-    root = Path(path)
-    if root.is_dir() and not any(root.iterdir()):
-        raise CheckpointError(f"{root}: expected a sharded checkpoint, found an empty directory")
-    if is_sharded_checkpoint(root):
-        return ShardedCheckpoint.open(root, check_checksums=check_checksums)
-    return OptimumNeuronCheckpoint.discover(root)
 
 
 def dry_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -42,12 +29,6 @@ def dry_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     Meta tensors would do the same, but the first ``torch.cat`` on meta tensors imports torch._dynamo (seconds).
     """
     return torch.zeros((), dtype=dtype).expand(tuple(shape))
-
-
-@dataclass
-class Group:
-    specs: list[ModelWeightTransformationSpecs]  # zero or one
-    names: list[str]  # saved names, in rank-file order
 
 
 @dataclass
@@ -134,56 +115,15 @@ def _open_stage(part: ShardedPart, pp: int, source_format: str) -> Stage:
                 raise CheckpointError(f"{path}: holds a tensor both with and without 'base_layer' in its name")
             opened = renamed
         tensors.append(opened)
-    _check_ranks_agree(rank_files, tensors)
+    check_ranks_agree(rank_files, tensors)
     stage = Stage(pp, metadata_file, rank_files, tensors, parameters, specs)
     stage.groups = _groups(stage)
     return stage
 
 
-def _check_ranks_agree(rank_files: list[Path], tensors: list[dict[str, LazyTensor]]) -> None:
-    first = tensors[0]
-    if not first:
-        raise CheckpointError(f"{rank_files[0]}: holds no tensors")
-    for path, other in zip(rank_files[1:], tensors[1:]):
-        if set(other) != set(first):
-            missing = sorted(set(first) - set(other))
-            extra = sorted(set(other) - set(first))
-            detail = f"missing {missing[:3]}" if missing else f"extra {extra[:3]}"
-            raise CheckpointError(f"{path}: holds different tensors than {rank_files[0].name} ({detail})")
-        for name, lazy in other.items():
-            ref = first[name]
-            if lazy.shape != ref.shape or lazy.dtype != ref.dtype:
-                raise CheckpointError(
-                    f"{path}: tensor '{name}' is {tuple(lazy.shape)} {lazy.dtype}, but {rank_files[0].name} holds "
-                    f"{tuple(ref.shape)} {ref.dtype} (every rank must hold shards of the same shape)"
-                )
-
-
 def _groups(stage: Stage) -> list[Group]:
-    order = {name: i for i, name in enumerate(stage.tensors[0])}
-    claimed: dict[str, str] = {}
-    groups = []
-    for specs in stage.specs:
-        names = sorted(specs.get_relevant_parameter_names() & order.keys(), key=order.__getitem__)
-        for name in names:
-            if name in claimed:
-                raise CheckpointError(
-                    f"{stage.metadata_file}: tensor '{name}' is claimed by the specs of both {claimed[name]} and "
-                    f"{specs.module_fully_qualified_name}"
-                )
-            claimed[name] = specs.module_fully_qualified_name
-        if names:
-            groups.append(Group([specs], names))
-    for name in order:
-        if name in claimed:
-            continue
-        if name not in stage.parameters:
-            raise CheckpointError(
-                f"{stage.metadata_file}: no entry for tensor '{name}' saved in {stage.rank_files[0].name}"
-            )
-        groups.append(Group([], [name]))
-    groups.sort(key=lambda g: order[g.names[0]])
-    return groups
+    claims = [(specs.module_fully_qualified_name, specs.get_relevant_parameter_names(), specs) for specs in stage.specs]
+    return group_tensors(stage.tensors[0], claims, stage.parameters, stage.metadata_file, stage.rank_files[0])
 
 
 def checked(call, stage: Stage, what: str):
@@ -212,10 +152,6 @@ def select_parts(checkpoint: Checkpoint, adapter: str | None, source_format: str
     parts = [open_part(checkpoint.model, source_format)] if checkpoint.model is not None else []
     parts += [open_part(p, source_format) for _, p in sorted(checkpoint.adapters.items())]
     return parts
-
-
-def source_format_of(checkpoint: Checkpoint) -> str:
-    return "optimum-neuron-peft" if isinstance(checkpoint, ShardedCheckpoint) else "optimum-neuron"
 
 
 def lora_module_of(name: str) -> str | None:

@@ -7,6 +7,9 @@ bytes are appended as soon as it is produced, so a multi-GB file is written hold
 File layout (the safetensors format): 8-byte little-endian header length N, N bytes of JSON header
 ``{"__metadata__": {...}, name: {"dtype": "BF16", "shape": [...], "data_offsets": [begin, end]}}`` padded with
 spaces to a multiple of 8, then the raw little-endian tensor bytes, in plan order, with no gaps.
+
+Torch-free at import: a plan's dtype is a torch dtype or a dtype name (`dtypes`), so the torch-free consolidation
+path writes through the same code, hence the same bytes.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError
-from .lazy import _SAFETENSORS_DTYPES
+from .dtypes import itemsize, safetensors_code
 
-DTYPE_CODES = {dtype: code for code, dtype in _SAFETENSORS_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
 WRITEBACK_STEP = 64 << 20  # start the disk write-back of every this many bytes written
 
 
@@ -46,24 +49,25 @@ def _sync_file_range() -> Callable[[int, int, int], None] | None:
 _start_writeback = _sync_file_range()
 
 
-class _WritebackThread:
-    """Issues ``sync_file_range`` calls off the writing thread (a call can block while the disk queue is full)."""
+class WritebackThread:
+    """Issues ``sync_file_range`` calls off the writing thread (a call can block while the disk queue is full).
+    `join` before closing the descriptors submitted."""
 
-    def __init__(self, fd: int):
-        self._fd = fd
+    def __init__(self) -> None:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="safetensors-writeback", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
-            _start_writeback(self._fd, *item)
+            _start_writeback(*item)
 
-    def submit(self, offset: int, nbytes: int) -> None:
-        self._queue.put((offset, nbytes))
+    def submit(self, fd: int, offset: int, nbytes: int) -> None:
+        if _start_writeback is not None:
+            self._queue.put((fd, offset, nbytes))
 
     def join(self) -> None:
-        """Wait for pending calls (before the descriptor is closed)."""
+        """Wait for pending calls (before the descriptors are closed)."""
         self._queue.put(None)
         self._thread.join()
 
@@ -71,12 +75,12 @@ class _WritebackThread:
 @dataclass(frozen=True)
 class TensorPlan:
     name: str
-    dtype: torch.dtype
+    dtype: Any  # a torch dtype, or a dtype name ("bfloat16") on the torch-free path
     shape: tuple[int, ...]
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
+        return math.prod(self.shape) * itemsize(self.dtype)
 
     @classmethod
     def of(cls, name: str, tensor: torch.Tensor) -> "TensorPlan":
@@ -91,25 +95,36 @@ class FileRecord:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The raw bytes of ``tensor`` (made contiguous on CPU) without another copy when already contiguous."""
+    import torch
+
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def safetensors_header(plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None) -> bytes:
+def safetensors_layout(plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, int]]:
+    """The header of a safetensors file holding ``plans`` in this order, and the file offset of each tensor's data."""
     header: dict = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     offset = 0
+    begins = {}
     for plan in plans:
-        if plan.dtype not in DTYPE_CODES:
+        code = safetensors_code(plan.dtype)
+        if code is None:
             raise CheckpointError(f"{plan.name}: dtype {plan.dtype} cannot be stored in safetensors")
         if plan.name in header:
             raise CheckpointError(f"{plan.name}: planned twice in the same safetensors file")
-        header[plan.name] = {"dtype": DTYPE_CODES[plan.dtype], "shape": list(plan.shape), "data_offsets": [offset, offset + plan.nbytes]}
+        header[plan.name] = {"dtype": code, "shape": list(plan.shape), "data_offsets": [offset, offset + plan.nbytes]}
+        begins[plan.name] = offset
         offset += plan.nbytes
     data = json.dumps(header, separators=(",", ":")).encode()
     data += b" " * (-(8 + len(data)) % 8)
-    return struct.pack("<Q", len(data)) + data
+    data = struct.pack("<Q", len(data)) + data
+    return data, {name: len(data) + begin for name, begin in begins.items()}
+
+
+def safetensors_header(plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None) -> bytes:
+    return safetensors_layout(plans, metadata)[0]
 
 
 class SafetensorsStreamWriter:
@@ -128,7 +143,7 @@ class SafetensorsStreamWriter:
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self._size = 0
         self._written_back = 0
-        self._writeback_thread: _WritebackThread | None = None
+        self._writeback_thread: WritebackThread | None = None
         self._emit(memoryview(safetensors_header(self.plans, metadata)))
 
     def _emit(self, data: memoryview) -> None:
@@ -145,8 +160,8 @@ class SafetensorsStreamWriter:
         has little left to do, and the disk works while the next tensors are produced."""
         if _start_writeback is not None and self._size - self._written_back >= WRITEBACK_STEP:
             if self._writeback_thread is None:
-                self._writeback_thread = _WritebackThread(self._fd)
-            self._writeback_thread.submit(self._written_back, self._size - self._written_back)
+                self._writeback_thread = WritebackThread()
+            self._writeback_thread.submit(self._fd, self._written_back, self._size - self._written_back)
             self._written_back = self._size
 
     @property
@@ -221,6 +236,69 @@ class SafetensorsStreamWriter:
             self.close()
         else:
             self.abort()
+
+
+class SafetensorsPlacedWriter:
+    """One safetensors file whose header is written up front and whose tensors are then written at their planned
+    offsets in any order, from several threads (each call writes its own byte range: ``pwrite`` or
+    ``copy_file_range`` at a fixed offset). `close` checks that every planned tensor was written once.
+
+    The bytes are those `SafetensorsStreamWriter` writes for the same plans: the same header, the same offsets.
+    ``writeback`` (shared by several files, joined by the caller before `close`) starts each tensor's write-back as
+    soon as it is written."""
+
+    def __init__(self, path: str | os.PathLike, plans: Iterable[TensorPlan], metadata: Mapping[str, str] | None, writeback: WritebackThread | None = None):
+        self.path = Path(path)
+        self.plans = {p.name: p for p in plans}
+        header, self.offsets = safetensors_layout(self.plans.values(), metadata)
+        self._left = set(self.plans)
+        self._lock = threading.Lock()
+        self._writeback = writeback
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._pwrite(memoryview(header), 0)
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        written = 0
+        while written < len(data):
+            written += os.pwrite(self._fd, data[written:], offset + written)
+
+    def _done(self, name: str) -> None:
+        with self._lock:
+            if name not in self._left:
+                raise CheckpointError(f"{self.path}: tensor '{name}' written twice")
+            self._left.discard(name)
+        if self._writeback is not None and self.plans[name].nbytes:
+            self._writeback.submit(self._fd, self.offsets[name], self.plans[name].nbytes)
+
+    def _plan(self, name: str, nbytes: int) -> TensorPlan:
+        plan = self.plans.get(name)
+        if plan is None:
+            raise CheckpointError(f"{self.path}: tensor '{name}' was not planned for this file")
+        if nbytes != plan.nbytes:
+            raise CheckpointError(f"{self.path}: tensor '{name}' needs {plan.nbytes} bytes, got {nbytes}")
+        return plan
+
+    def write(self, name: str, data: memoryview) -> None:
+        """Write tensor ``name`` from its raw bytes."""
+        self._plan(name, len(data))
+        self._pwrite(data, self.offsets[name])
+        self._done(name)
+
+    def copy_ranges(self, name: str, ranges, copier) -> None:
+        """Write tensor ``name`` from byte ranges of input files (`byte_copy.RangeCopier`)."""
+        self._plan(name, sum(length for _, _, length in ranges))
+        copier.copy(ranges, self._fd, self.offsets[name])
+        self._done(name)
+
+    def close(self) -> None:
+        self.abort()
+        if self._left:
+            raise CheckpointError(f"{self.path}: closed before writing planned tensors {sorted(self._left)[:3]}")
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, hash: bool = False) -> FileRecord:

@@ -9,7 +9,12 @@ Safety model: :class:`RestrictedUnpickler` resolves a global only through an exp
 objects (``collections.OrderedDict``, our own rebuild functions, dtype and storage-type markers, a local stand-in for
 ``TensorReference``); anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``...) raises
 :class:`UnsafePickleError` before it is called. Nothing from torch is called by the pickle: the rebuild functions are
-ours and return :class:`LazyTensor` handles that record the byte offset of the storage member in the zip.
+ours and return `stored.StoredTensor` records (dtype by name, shape, stride, storage offset, byte offset of the
+storage member in the zip).
+
+Two layers: `scan_torch_dict` reads a rank file without torch (for the torch-free consolidation path; it refuses xser
+references); `read_torch_file` and the ``open_*`` functions wrap the records as :class:`LazyTensor` (torch dtypes) and
+resolve ``TensorReference`` dtypes to torch dtypes.
 """
 
 from __future__ import annotations
@@ -22,12 +27,14 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import CheckpointError, UnsafePickleError
-from .lazy import LazyTensor
+from .dtypes import DTYPES, dtype_name, itemsize
+from .stored import StoredTensor
+
+if TYPE_CHECKING:
+    from .lazy import LazyTensor
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Objects the pickle may name
@@ -41,23 +48,30 @@ class _StorageType:
     """
 
     name: str
-    dtype: torch.dtype | None
+    dtype: str | None  # dtype name (`dtypes`)
+
+
+@dataclass(frozen=True, slots=True)
+class _Dtype:
+    """Stand-in for a ``torch.<dtype>`` global (an instance, not callable)."""
+
+    name: str
 
 
 def _legacy_storage_types() -> dict[str, _StorageType]:
     names = {
-        "DoubleStorage": torch.float64,
-        "FloatStorage": torch.float32,
-        "HalfStorage": torch.float16,
-        "BFloat16Storage": torch.bfloat16,
-        "LongStorage": torch.int64,
-        "IntStorage": torch.int32,
-        "ShortStorage": torch.int16,
-        "CharStorage": torch.int8,
-        "ByteStorage": torch.uint8,
-        "BoolStorage": torch.bool,
-        "ComplexDoubleStorage": torch.complex128,
-        "ComplexFloatStorage": torch.complex64,
+        "DoubleStorage": "float64",
+        "FloatStorage": "float32",
+        "HalfStorage": "float16",
+        "BFloat16Storage": "bfloat16",
+        "LongStorage": "int64",
+        "IntStorage": "int32",
+        "ShortStorage": "int16",
+        "CharStorage": "int8",
+        "ByteStorage": "uint8",
+        "BoolStorage": "bool",
+        "ComplexDoubleStorage": "complex128",
+        "ComplexFloatStorage": "complex64",
     }
     return {name: _StorageType(name, dtype) for name, dtype in names.items()}
 
@@ -65,23 +79,23 @@ def _legacy_storage_types() -> dict[str, _StorageType]:
 _STORAGE_TYPES = _legacy_storage_types()
 _UNTYPED_STORAGE = _StorageType("UntypedStorage", None)
 # `torch.<dtype>` globals appear with `_rebuild_tensor_v3` (newer dtypes are saved as UntypedStorage + dtype). Only
-# byte-addressable, non-quantized dtypes: LazyTensor.load reads raw bytes into `torch.empty(n, dtype)`.
+# byte-addressable, non-quantized dtypes: a tensor is read as raw bytes.
 _DTYPE_NAMES = (
     "float64 double float32 float float16 half bfloat16 int64 long int32 int int16 short int8 uint8 bool "
     "uint16 uint32 uint64 complex64 cfloat complex128 cdouble "
     "float8_e4m3fn float8_e5m2 float8_e4m3fnuz float8_e5m2fnuz float8_e8m0fnu"
 ).split()
-_DTYPES = {name: getattr(torch, name) for name in _DTYPE_NAMES if isinstance(getattr(torch, name, None), torch.dtype)}
+_DTYPES = {name: _Dtype(dtype_name(name)) for name in _DTYPE_NAMES if dtype_name(name) in DTYPES}
 
 
 @dataclass(slots=True)
 class TensorReference:
     """Local stand-in for ``torch_xla.utils.serialization.TensorReference``: tensor ``tid`` lives in
-    ``<file>.tensors/tensor_<tid>.pt``. Newer Neuron variants also record ``shape`` and ``dtype``."""
+    ``<file>.tensors/tensor_<tid>.pt``. Newer Neuron variants also record ``shape`` and ``dtype`` (a torch dtype)."""
 
     tid: int
     shape: tuple[int, ...] | None = None
-    dtype: torch.dtype | None = None
+    dtype: Any = None
 
     def __setstate__(self, state: Any) -> None:
         # Pickle's BUILD opcode: accept only the fields the format has, with the types it has.
@@ -94,8 +108,12 @@ class TensorReference:
             raise UnsafePickleError(f"TensorReference.tid must be a non-negative int, found {tid!r}")
         if shape is not None and not (isinstance(shape, (tuple, list)) and all(type(d) is int for d in shape)):
             raise UnsafePickleError(f"TensorReference.shape must be a tuple of ints, found {shape!r}")
-        if dtype is not None and not isinstance(dtype, torch.dtype):
+        if dtype is not None and not isinstance(dtype, _Dtype):
             raise UnsafePickleError(f"TensorReference.dtype must be a torch dtype, found {dtype!r}")
+        if dtype is not None:  # only read on the torch path (the torch-free scan refuses xser references)
+            from .dtypes import torch_dtype
+
+            dtype = torch_dtype(dtype.name)
         self.tid, self.shape, self.dtype = tid, None if shape is None else tuple(shape), dtype
 
 
@@ -108,11 +126,11 @@ _TENSOR_REFERENCE_MODULES = {
 }
 
 
-def _size(*args: Any) -> torch.Size:
-    # torch.Size(iterable of ints) only; never anything that could run code.
+def _size(*args: Any) -> tuple[int, ...]:
+    # torch.Size(iterable of ints) only, as a tuple; never anything that could run code.
     if len(args) != 1 or not isinstance(args[0], (tuple, list)) or not all(type(d) is int for d in args[0]):
         raise UnsafePickleError(f"torch.Size expects one tuple of ints, found {args!r}")
-    return torch.Size(args[0])
+    return tuple(args[0])
 
 
 def _ordered_dict(*args: Any) -> collections.OrderedDict:
@@ -129,8 +147,7 @@ def _ordered_dict(*args: Any) -> collections.OrderedDict:
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` whose globals come only from ``allowed`` and whose persistent ids go to ``persistent``.
 
-    ``source`` names the file in error messages. With ``persistent`` None (metadata files) no global at all is
-    allowed beyond ``allowed``; otherwise storage types, dtypes and ``TensorReference`` are resolved too.
+    ``source`` names the file in error messages. With ``persistent`` None (metadata files) a persistent id is refused.
     """
 
     def __init__(
@@ -149,13 +166,6 @@ class RestrictedUnpickler(pickle.Unpickler):
         # Overriding find_class also disables pickle's Python 2 name mapping: names are checked exactly as written.
         if (module, name) in self._allowed:
             return self._allowed[(module, name)]
-        if self._persistent is not None:
-            if module == "torch" and name in _STORAGE_TYPES:
-                return _STORAGE_TYPES[name]
-            if module == "torch" and name in _DTYPES:
-                return _DTYPES[name]
-            if name == "TensorReference" and module in _TENSOR_REFERENCE_MODULES:
-                return TensorReference
         expected = (
             "plain dict/list/str/int/float/bool/None data"
             if self._persistent is None
@@ -196,7 +206,7 @@ class _StorageRecord:
     """A storage member located in the zip: where its bytes start and how many there are."""
 
     member: str
-    dtype: torch.dtype | None
+    dtype: str | None
     data_offset: int
     nbytes: int
 
@@ -206,6 +216,7 @@ class _TorchZip:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._fd: int | None = None
         try:
             self.file_size = path.stat().st_size
             with open(path, "rb") as handle:
@@ -243,7 +254,7 @@ class _TorchZip:
             )
         return candidates[0]
 
-    def storage(self, key: str, dtype: torch.dtype | None, nbytes: int) -> _StorageRecord:
+    def storage(self, key: str, dtype: str | None, nbytes: int) -> _StorageRecord:
         member = f"{self.archive_name}/data/{key}"
         info = self.members.get(member)
         if info is None:
@@ -268,35 +279,46 @@ class _TorchZip:
     def _data_offset(self, info: zipfile.ZipInfo) -> int:
         # The central directory gives the local header's offset; the data follows that header's variable-size name and
         # extra fields, whose lengths only the local header knows (torch pads the extra field to align data).
-        with open(self.path, "rb") as handle:
-            handle.seek(info.header_offset)
-            raw = handle.read(_LOCAL_HEADER.size)
-            if len(raw) != _LOCAL_HEADER.size:
-                raise CheckpointError(f"{self.path}: local header of '{info.filename}' is truncated")
-            fields = _LOCAL_HEADER.unpack(raw)
-            name_len, extra_len = fields[9], fields[10]
-            name = handle.read(name_len)
-        if fields[0] != _LOCAL_HEADER_SIGNATURE or fields[3] != zipfile.ZIP_STORED or name != info.filename.encode():
+        name = info.filename.encode()
+        if self._fd is None:  # one descriptor for all the members (a rank file has hundreds), see `close`
+            self._fd = os.open(self.path, os.O_RDONLY)
+        raw = os.pread(self._fd, _LOCAL_HEADER.size + len(name), info.header_offset)
+        if len(raw) != _LOCAL_HEADER.size + len(name):
+            raise CheckpointError(f"{self.path}: local header of '{info.filename}' is truncated")
+        fields = _LOCAL_HEADER.unpack(raw[: _LOCAL_HEADER.size])
+        name_len, extra_len = fields[9], fields[10]
+        if fields[0] != _LOCAL_HEADER_SIGNATURE or fields[3] != zipfile.ZIP_STORED or raw[_LOCAL_HEADER.size :] != name or name_len != len(name):
             raise CheckpointError(
                 f"{self.path}: local header of '{info.filename}' does not match the central directory (corrupted)"
             )
         return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
 
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Rebuilding tensors as LazyTensor
+# Rebuilding tensors as StoredTensor
 
 
 class _TensorRebuilder:
-    """Persistent-id loader and ``_rebuild_*`` replacements bound to one archive."""
+    """Persistent-id loader and ``_rebuild_*`` replacements bound to one archive. ``references``: whether xser
+    ``TensorReference`` objects are allowed (the torch path reads them; the torch-free scan does not)."""
 
-    def __init__(self, archive: _TorchZip) -> None:
+    def __init__(self, archive: _TorchZip, references: bool = True) -> None:
         self.archive = archive
         self.source = str(archive.path)
         self.records: dict[str, _StorageRecord] = {}
+        self.references = references
 
     def allowed_globals(self) -> dict[tuple[str, str], Any]:
-        return {
+        allowed = {("torch", name): storage for name, storage in _STORAGE_TYPES.items()}
+        allowed.update({("torch", name): dtype for name, dtype in _DTYPES.items()})
+        if self.references:
+            allowed.update({(module, "TensorReference"): TensorReference for module in _TENSOR_REFERENCE_MODULES})
+        return allowed | {
             ("collections", "OrderedDict"): _ordered_dict,
             ("torch._utils", "_rebuild_tensor"): self.rebuild_tensor,
             ("torch._utils", "_rebuild_tensor_v2"): self.rebuild_tensor_v2,
@@ -319,26 +341,26 @@ class _TensorRebuilder:
             raise CheckpointError(f"{self.source}: malformed storage id {pid!r}")
         record = self.records.get(key)
         if record is None:
-            itemsize = 1 if storage_type.dtype is None else storage_type.dtype.itemsize
-            record = self.archive.storage(key, storage_type.dtype, numel * itemsize)
+            size = 1 if storage_type.dtype is None else itemsize(storage_type.dtype)
+            record = self.archive.storage(key, storage_type.dtype, numel * size)
             self.records[key] = record
         return record
 
-    def _lazy(self, storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: torch.dtype | None) -> LazyTensor:
+    def _stored(self, storage: Any, storage_offset: Any, size: Any, stride: Any, dtype: str | None) -> StoredTensor:
         if not isinstance(storage, _StorageRecord):
             raise CheckpointError(f"{self.source}: expected a storage as first rebuild argument, found {storage!r}")
         dtype = dtype or storage.dtype
         if dtype is None:
             raise CheckpointError(f"{self.source}: untyped storage '{storage.member}' used without a dtype")
-        ints = lambda xs: isinstance(xs, (tuple, list, torch.Size)) and all(type(x) is int for x in xs)  # noqa: E731
+        ints = lambda xs: isinstance(xs, (tuple, list)) and all(type(x) is int for x in xs)  # noqa: E731
         if type(storage_offset) is not int or not ints(size) or not ints(stride):
             raise CheckpointError(
                 f"{self.source}: expected int offset and int tuples for size/stride, found "
                 f"{storage_offset!r}, {size!r}, {stride!r}"
             )
-        return LazyTensor(
+        return StoredTensor(
             name="",
-            shape=torch.Size(size),
+            shape=tuple(size),
             dtype=dtype,
             file=self.archive.path,
             offset=storage.data_offset,
@@ -347,20 +369,20 @@ class _TensorRebuilder:
             stride=tuple(stride),
         )
 
-    def rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any) -> LazyTensor:
-        return self._lazy(storage, storage_offset, size, stride, None)
+    def rebuild_tensor(self, storage: Any, storage_offset: Any, size: Any, stride: Any) -> StoredTensor:
+        return self._stored(storage, storage_offset, size, stride, None)
 
     def rebuild_tensor_v2(self, storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-        return self._lazy(storage, storage_offset, size, stride, None)
+        return self._stored(storage, storage_offset, size, stride, None)
 
     def rebuild_tensor_v3(self, storage, storage_offset, size, stride, requires_grad, hooks, dtype, metadata=None):
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, _Dtype):
             raise CheckpointError(f"{self.source}: expected a torch dtype in _rebuild_tensor_v3, found {dtype!r}")
-        return self._lazy(storage, storage_offset, size, stride, dtype)
+        return self._stored(storage, storage_offset, size, stride, dtype.name)
 
-    def rebuild_parameter(self, data: Any, *_ignored: Any) -> LazyTensor:
+    def rebuild_parameter(self, data: Any, *_ignored: Any) -> StoredTensor:
         # nn.Parameter(data, requires_grad): for reading, a parameter is just its data.
-        if not isinstance(data, LazyTensor):
+        if not isinstance(data, StoredTensor):
             raise CheckpointError(f"{self.source}: expected a tensor inside _rebuild_parameter, found {data!r}")
         return data
 
@@ -369,51 +391,74 @@ class _TensorRebuilder:
 # Public entry points
 
 
+def _unpickle(path: str | os.PathLike, references: bool) -> Any:
+    archive = _TorchZip(Path(path))
+    rebuilder = _TensorRebuilder(archive, references)
+    try:
+        return restricted_loads(
+            archive.pickle_bytes, str(archive.path), rebuilder.allowed_globals(), rebuilder.persistent_load
+        )
+    finally:
+        archive.close()
+
+
+def _as_lazy(value: Any) -> Any:
+    """``value`` with every `StoredTensor` (at the top, or inside dicts, lists and tuples) as a `LazyTensor`."""
+    from .lazy import LazyTensor
+
+    if isinstance(value, StoredTensor):
+        return LazyTensor.from_stored(value)
+    if isinstance(value, dict):
+        return type(value)((key, _as_lazy(item)) for key, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_lazy(item) for item in value)
+    return value
+
+
 def read_torch_file(path: str | os.PathLike) -> Any:
     """Unpickle a ``torch.save`` zip file with tensors replaced by :class:`LazyTensor` handles (names are empty;
     :func:`open_torch_state_dict` fills them) and xser references by :class:`TensorReference`."""
-    archive = _TorchZip(Path(path))
-    rebuilder = _TensorRebuilder(archive)
-    return restricted_loads(
-        archive.pickle_bytes, str(archive.path), rebuilder.allowed_globals(), rebuilder.persistent_load
-    )
+    return _as_lazy(_unpickle(path, references=True))
 
 
-def _named(value: Any, name: str) -> Any:
-    if isinstance(value, LazyTensor):
-        return LazyTensor(
-            name, value.shape, value.dtype, value.file, value.offset, value.storage_nbytes, value.storage_offset,
-            value.stride,
-        )
-    return value
+def _check_flat_dict(path: str | os.PathLike, obj: Any, kinds: tuple[type, ...]) -> None:
+    if not isinstance(obj, dict) or not all(isinstance(key, str) for key in obj):
+        raise CheckpointError(f"{path}: expected a dict with str keys, found {type(obj).__name__}")
+    for key, value in obj.items():
+        if not isinstance(value, kinds):
+            raise CheckpointError(f"{path}: expected a tensor under '{key}', found {type(value).__name__}")
+
+
+def scan_torch_dict(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Where each tensor of a ``torch.save`` of a flat ``{str: tensor}`` dict is, without torch and without reading
+    tensor data. xser references are refused (`UnsafePickleError`): their tensors live in other files."""
+    obj = _unpickle(path, references=False)
+    _check_flat_dict(path, obj, (StoredTensor,))
+    return {key: value.renamed(key) for key, value in obj.items()}
 
 
 def open_torch_dict(path: str | os.PathLike) -> dict[str, LazyTensor | TensorReference]:
     """Open a ``torch.save`` of a flat ``{str: tensor or TensorReference}`` dict; values are lazy."""
-    obj = read_torch_file(path)
-    if not isinstance(obj, dict) or not all(isinstance(key, str) for key in obj):
-        raise CheckpointError(f"{path}: expected a dict with str keys, found {type(obj).__name__}")
-    for key, value in obj.items():
-        if not isinstance(value, (LazyTensor, TensorReference)):
-            raise CheckpointError(f"{path}: expected a tensor under '{key}', found {type(value).__name__}")
-    return {key: _named(value, key) for key, value in obj.items()}
+    obj = _unpickle(path, references=True)
+    _check_flat_dict(path, obj, (StoredTensor, TensorReference))
+    return {key: _as_lazy(value.renamed(key) if isinstance(value, StoredTensor) else value) for key, value in obj.items()}
 
 
 def open_torch_state_dict(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """Open a plain ``torch.save`` state dict ``{name: tensor}`` without reading tensor data."""
     tensors = open_torch_dict(path)
     for key, value in tensors.items():
-        if not isinstance(value, LazyTensor):
+        if isinstance(value, TensorReference):
             raise CheckpointError(f"{path}: expected a tensor under '{key}', found an xser TensorReference")
     return tensors  # type: ignore[return-value]
 
 
 def open_torch_tensor(path: str | os.PathLike, name: str = "") -> LazyTensor:
     """Open a ``torch.save`` of one tensor (an xser ``tensor_<i>.pt`` file)."""
-    obj = read_torch_file(path)
-    if not isinstance(obj, LazyTensor):
+    obj = _unpickle(path, references=True)
+    if not isinstance(obj, StoredTensor):
         raise CheckpointError(f"{path}: expected a single saved tensor, found {type(obj).__name__}")
-    return _named(obj, name)
+    return _as_lazy(obj.renamed(name))
 
 
 def load_plain_pickle(path: str | os.PathLike) -> Any:

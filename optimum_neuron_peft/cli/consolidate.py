@@ -1,4 +1,8 @@
-"""``optimum-neuron-peft consolidate CHECKPOINT_DIR [OUTPUT_DIR] ...``: sharded checkpoint -> Transformers/PEFT."""
+"""``optimum-neuron-peft consolidate CHECKPOINT_DIR [OUTPUT_DIR] ...``: sharded checkpoint -> Transformers/PEFT.
+
+A full-model checkpoint consolidated as saved goes through the torch-free engine (`checkpoint.torch_free`): this
+command then never imports torch. Everything else goes through the torch engine (`checkpoint.consolidate`).
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="re-derive every rank's shards from the output and compare bit for bit before publishing it")
     parser.add_argument("--check-checksums", action="store_true", help="check the sha256 of every input file listed in the manifest (our format)")
     parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    parser.add_argument(
+        "--engine", choices=["auto", "torch", "torch-free"], default="auto",
+        help="auto (default): byte copies without torch when the checkpoint is a full model consolidated as saved, "
+        "else torch; torch-free: fail if that engine cannot take it; torch: always torch (same output bytes)",
+    )  # fmt: skip
 
 
 def default_output_dir(checkpoint_dir: Path) -> Path:
@@ -29,19 +38,20 @@ def default_output_dir(checkpoint_dir: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.consolidate import consolidate
-
-    result = consolidate(
-        args.checkpoint_dir,
-        args.output_dir or default_output_dir(args.checkpoint_dir),
-        format=args.format,
-        max_shard_size=args.max_shard_size,
-        adapter=args.adapter,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        verify=args.verify,
-        check_checksums=args.check_checksums,
+    options = dict(
+        format=args.format, max_shard_size=args.max_shard_size, adapter=args.adapter, dtype=args.dtype,
+        overwrite=args.overwrite, verify=args.verify, check_checksums=args.check_checksums,
         progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    )  # fmt: skip
+    output_dir = args.output_dir or default_output_dir(args.checkpoint_dir)
+    result = None
+    if args.engine != "torch":
+        from ..checkpoint.torch_free import try_consolidate  # imports no torch
+
+        result = try_consolidate(args.checkpoint_dir, output_dir, required=args.engine == "torch-free", **options)
+    if result is None:
+        from ..checkpoint.consolidate import consolidate
+
+        result = consolidate(args.checkpoint_dir, output_dir, engine="torch", **options)
     print(result.summary() + (" (verified)" if args.verify else ""))
     return 0

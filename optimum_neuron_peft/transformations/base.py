@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
@@ -18,6 +19,8 @@ from ..errors import SpecError
 
 # name -> spec class; specs are serialized by this name and deserialized only through this table.
 SPEC_REGISTRY: dict[str, type["ModelWeightTransformationSpec"]] = {}
+# Modules of the built-in specs: importing them registers them (the package no longer imports them eagerly).
+_BUILTIN_SPEC_MODULES = (".fused_linears", ".gqa_qkv")
 
 SUPPORTED_PEFT_TYPES = ("lora",)
 
@@ -31,7 +34,14 @@ def register_spec(cls: type["ModelWeightTransformationSpec"]) -> type["ModelWeig
     return cls
 
 
+def load_builtin_specs() -> None:
+    """Register the built-in specs (`FusedLinearsSpec`, `GQAQKVColumnParallelLinearSpec`)."""
+    for module in _BUILTIN_SPEC_MODULES:
+        importlib.import_module(module, __package__)
+
+
 def spec_class_from_name(name: str, *, where: str = "metadata") -> type["ModelWeightTransformationSpec"]:
+    load_builtin_specs()
     try:
         return SPEC_REGISTRY[name]
     except KeyError:

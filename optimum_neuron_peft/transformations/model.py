@@ -14,7 +14,7 @@ import torch
 from ..errors import SpecError
 from .base import CustomModule, ModelWeightTransformationSpecs
 from .metadata import model_transformation_specs, parameter_metadata
-from .names import get_adapter_name, remove_adapter_name, remove_base_layer
+from .names import normalize_parameters_metadata
 from .sharding import create_local_weight_with_padding, materialize, unshard_tensors
 
 SpecsSource = torch.nn.Module | Iterable[ModelWeightTransformationSpecs]
@@ -72,19 +72,6 @@ def to_original_peft_config_for_model(model: torch.nn.Module, peft_config: Any, 
             restored[name] = to_original_lora_config(model, config, inplace=True)
         return restored
     return to_original_lora_config(model, restored, inplace=True)
-
-
-def normalize_parameters_metadata(
-    parameters_metadata: Mapping[str, Mapping[str, Any]], adapter_name: str | None = None
-) -> dict[str, dict[str, Any]]:
-    """Metadata keyed like saved tensors: adapter names and ``base_layer`` removed, other adapters dropped."""
-    out = {}
-    for name, entry in parameters_metadata.items():
-        adapter = get_adapter_name(name)
-        if adapter_name is not None and adapter is not None and adapter != adapter_name:
-            continue
-        out[remove_base_layer(remove_adapter_name(name))] = dict(entry)
-    return out
 
 
 def model_parameters_metadata(model: torch.nn.Module) -> dict[str, dict[str, Any]]:

@@ -7,6 +7,8 @@ in a saved adapter (PEFT drops the adapter name when saving). The wrapped base l
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 LORA_MODULE_NAMES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"})
 # PEFT keeps these as ParameterDicts: ``<module>.lora_embedding_A.<adapter>`` in a model, ``<module>.lora_embedding_A``
 # in a saved adapter, so a single component after them is the adapter name.
@@ -77,3 +79,16 @@ def split_lora_name(name: str) -> tuple[str, str, str] | None:
     if i is None or i + 2 != len(parts):
         return None
     return ".".join(parts[:i]), parts[i], parts[i + 1]
+
+
+def normalize_parameters_metadata(
+    parameters_metadata: Mapping[str, Mapping[str, Any]], adapter_name: str | None = None
+) -> dict[str, dict[str, Any]]:
+    """Metadata keyed like saved tensors: adapter names and ``base_layer`` removed, other adapters dropped."""
+    out = {}
+    for name, entry in parameters_metadata.items():
+        adapter = get_adapter_name(name)
+        if adapter_name is not None and adapter is not None and adapter != adapter_name:
+            continue
+        out[remove_base_layer(remove_adapter_name(name))] = dict(entry)
+    return out

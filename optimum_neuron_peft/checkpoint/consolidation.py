@@ -1,0 +1,59 @@
+"""What the two consolidation engines share: argument checks, the test hook, copying root files, the result.
+
+`consolidate.consolidate` runs the torch-free engine (`torch_free`) when it applies and the torch engine otherwise;
+both check their arguments here first, with the same messages, and return a `ConsolidationResult`. Torch-free.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import CheckpointError
+from ..utils.atomic import check_output_dir
+from .hf_output import parse_max_shard_size
+
+# Test hook: seconds to sleep after each group, so a test can kill a consolidation half-way.
+SLEEP_ENV = "OPTIMUM_NEURON_PEFT_TEST_SLEEP_PER_GROUP"
+FORMATS = ("safetensors", "pytorch")
+
+
+@dataclass
+class ConsolidationResult:
+    output_dir: Path
+    tensors: int
+    bytes: int
+    seconds: float
+    directories: dict[str, Path] = field(default_factory=dict)  # "model" / adapter name -> directory
+    engine: str = "torch"  # "torch-free" when written by byte copies without importing torch (`torch_free`)
+
+    def summary(self) -> str:
+        rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        return (
+            f"consolidated {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
+            f"({rate:.2f} GB/s) -> {self.output_dir}"
+        )
+
+
+def check_not_inside(checkpoint_dir: Path, output_dir: Path) -> None:
+    src, out = checkpoint_dir.resolve(), output_dir.resolve()
+    if out == src or src in out.parents or out in src.parents:
+        raise CheckpointError(f"{output_dir}: the output directory must not contain or be inside the input {checkpoint_dir}")
+
+
+def check_arguments(checkpoint_dir: Path, output_dir: Path, *, format: Any, max_shard_size: Any, overwrite: bool) -> None:
+    """The checks both engines make before reading anything (dtype names are checked by the torch engine)."""
+    check_not_inside(checkpoint_dir, output_dir)
+    check_output_dir(output_dir, overwrite)
+    if format not in FORMATS:
+        raise CheckpointError(f"output format must be 'safetensors' or 'pytorch', got {format!r}")
+    parse_max_shard_size(max_shard_size)
+
+
+def copy_root_files(paths: Iterable[Path | None], directory: Path) -> None:
+    """config.json, tokenizer and generation files of the checkpoint, next to the model weights."""
+    for path in paths:
+        if path is not None:
+            shutil.copyfile(path, directory / Path(path).name)

@@ -1,0 +1,219 @@
+"""The torch-free consolidation engine: a full-model sharded checkpoint -> a Transformers directory, by byte copies.
+
+Every weight of a full model (GQA attention, fused MLP, row/column-parallel and replicated parameters) is a pure
+data move of the saved shards, so consolidating one needs no tensor math: `torch_free_plan` declares where each
+output's bytes are, and this module copies them, without importing torch (whose import alone takes ~2 s, as long
+as copying a few GB). The output is byte for byte what the torch engine (`consolidate`) writes: the same shard
+split (`hf_output.split_into_files`), the same safetensors headers (`stream_writer.safetensors_layout`), the same
+root files; tests check it.
+
+Streaming: row-wise outputs (`RowCopy`) are copied file to file with ``copy_file_range`` on the calling thread;
+column-wise ones (`ColumnGather`: row-parallel o_proj / down_proj, whose every row is cut from every rank) are
+gathered through reused numpy buffers on a second thread at the same time. Both write at the output offsets the
+headers fix, so neither waits for the other (the copies release the GIL: the kernel copy and numpy's gather run on
+both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
+
+Applies when the checkpoint holds the model only (no adapter) in plain or safetensors rank files, the output is
+safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor; `try_consolidate`
+returns None otherwise and the caller runs the torch engine, which also reports every error in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import CheckpointError
+from ..utils.atomic import atomic_output_dir
+from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
+from .consolidation import SLEEP_ENV, ConsolidationResult, check_arguments, copy_root_files
+from .declared import Unsupported
+from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
+from .provenance import RowCopy
+from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
+from .torch_free_plan import ModelPlan, PlannedTensor, plan_model
+
+ENGINES = ("auto", "torch", "torch-free")
+
+
+def unsupported_options(*, format: str, adapter: str | None, dtype: Any, verify: bool) -> str | None:
+    """Why these options need the torch engine, or None."""
+    if format != "safetensors":
+        return f"output format {format!r}"
+    if adapter is not None:
+        return "an adapter is selected"
+    if dtype is not None:
+        return "a dtype cast is asked"
+    if verify:
+        return "verify is asked"
+    return None
+
+
+def try_consolidate(
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    format: str = "safetensors",
+    max_shard_size: int | str = "5GB",
+    adapter: str | None = None,
+    dtype: Any = None,
+    overwrite: bool = False,
+    verify: bool = False,
+    check_checksums: bool = False,
+    progress: bool = False,
+    required: bool = False,
+) -> ConsolidationResult | None:
+    """`consolidate.consolidate` without torch when it applies (see the module docstring), else None (nothing
+    written). With ``required``, a `CheckpointError` saying why instead of None."""
+    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
+    check_arguments(checkpoint_dir, output_dir, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
+    start = time.perf_counter()
+    reason = unsupported_options(format=format, adapter=adapter, dtype=dtype, verify=verify)
+    plan = None
+    if reason is None:
+        try:
+            plan = plan_model(checkpoint_dir, check_checksums=check_checksums)
+        except (Unsupported, CheckpointError) as err:
+            reason = str(err)
+        except Exception as err:  # noqa: BLE001 - planning only reads: whatever it cannot read, the torch engine judges
+            reason = f"{type(err).__name__}: {err}"
+    if plan is None:
+        if required:
+            raise CheckpointError(f"{checkpoint_dir}: the torch-free engine cannot consolidate this checkpoint: {reason}")
+        return None
+    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+        count, total = write_model(plan, tmp, max_shard_size=max_shard_size, progress=progress)
+        copy_root_files([plan.checkpoint.config_file, *plan.checkpoint.extra_files], tmp)
+    return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")
+
+
+def write_model(plan: ModelPlan, directory: Path, *, max_shard_size: int | str, progress: bool = False) -> tuple[int, int]:
+    """Write the model's weight files (and index) into ``directory``; returns (tensors, bytes)."""
+    tensors = plan.tensors
+    plans = {t.name: TensorPlan(t.name, t.dtype, t.shape) for t in tensors}
+    files, index_name, index = split_into_files(plans, "model", "safetensors", max_shard_size)
+    total = sum(p.nbytes for p in plans.values())
+    writeback = WritebackThread()
+    writers: dict[str, SafetensorsPlacedWriter] = {}
+    try:
+        for file, names in files.items():
+            writers[file] = SafetensorsPlacedWriter(directory / file, [plans[n] for n in names], SAFETENSORS_METADATA, writeback)
+        writer_of = {name: writers[file] for file, names in files.items() for name in names}
+        with _ProgressBar(total, progress) as on_bytes:
+            _stream(plan, writer_of, on_bytes)
+    except BaseException:
+        writeback.join()
+        for writer in writers.values():
+            writer.abort()
+        raise
+    writeback.join()  # before the descriptors it uses are closed
+    for writer in writers.values():
+        writer.close()
+    if index is not None:
+        write_index(directory, index_name, index)
+    return len(tensors), total
+
+
+class _Stopped(Exception):
+    pass
+
+
+class _ColumnGatherer:
+    """A thread gathering column-wise outputs, in submission order, while the caller copies the row-wise ones."""
+
+    def __init__(self, writer_of: dict[str, SafetensorsPlacedWriter], on_bytes: Callable[[int], None]):
+        self._writer_of = writer_of
+        self._on_bytes = on_bytes
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="column-gather", daemon=True)
+        self._thread.start()
+
+    def submit(self, tensor: PlannedTensor) -> None:
+        self.check()
+        self._queue.put(tensor)
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def finish(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        self.check()
+
+    def stop(self) -> None:
+        """After a failure of the caller: skip what is queued, wait for the thread."""
+        self._error = self._error or _Stopped()
+        self._queue.put(None)
+        self._thread.join()
+
+    def _run(self) -> None:
+        importlib.import_module("numpy")  # ~0.2 s of Python, here: while the caller's first row copies run in the kernel
+
+        scratch = Scratch()
+        with SourceFiles() as files:  # descriptors of its own: the cache is not shared between threads
+            while (tensor := self._queue.get()) is not None:
+                if self._error is not None:
+                    continue  # drain after a failure
+                try:
+                    out = scratch.get("out", tensor.nbytes).reshape(tensor.shape[0], -1)
+                    if not gather_column_bytes(files, tensor.provenance, tensor.sources, out, scratch):
+                        raise CheckpointError(f"{tensor.sources[0][0].file}: '{tensor.name}' is not dense")  # planner checked
+                    self._writer_of[tensor.name].write(tensor.name, memoryview(out.reshape(-1)))
+                    self._on_bytes(out.size)
+                except BaseException as err:  # noqa: BLE001 - re-raised on the caller's thread
+                    self._error = err
+
+
+def _stream(plan: ModelPlan, writer_of: dict[str, SafetensorsPlacedWriter], on_bytes: Callable[[int], None]) -> None:
+    sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
+    gatherer = _ColumnGatherer(writer_of, on_bytes)
+    try:
+        with SourceFiles() as files:
+            copier = RangeCopier(files)
+            for group in plan.groups:
+                for tensor in group:
+                    if isinstance(tensor.provenance, RowCopy):
+                        ranges = row_ranges(tensor.provenance, tensor.sources)
+                        if ranges is None:  # the planner checked density
+                            raise CheckpointError(f"{tensor.sources[0][0].file}: '{tensor.name}' is not dense")
+                        writer_of[tensor.name].copy_ranges(tensor.name, ranges, copier)
+                        on_bytes(tensor.nbytes)
+                    else:
+                        gatherer.submit(tensor)
+                if sleep:
+                    time.sleep(sleep)
+    except BaseException:
+        gatherer.stop()
+        raise
+    gatherer.finish()
+
+
+class _ProgressBar:
+    """A byte counter shown with tqdm when ``enabled`` (imported only then), callable from several threads."""
+
+    def __init__(self, total: int, enabled: bool):
+        self._bar = None
+        self._lock = threading.Lock()
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="consolidate")
+
+    def __enter__(self) -> Callable[[int], None]:
+        return self._update
+
+    def _update(self, nbytes: int) -> None:
+        if self._bar is not None:
+            with self._lock:
+                self._bar.update(nbytes)
+
+    def __exit__(self, *exc) -> None:
+        if self._bar is not None:
+            self._bar.close()
