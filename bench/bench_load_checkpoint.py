@@ -3,11 +3,16 @@
 Writes a synthetic checkpoint (random fp32 weights, two index-sharded files) under a temporary directory in /tmp,
 then, in a fresh group of ``--tp`` gloo processes for each method:
 
-- ``lazy``: `AutoModelForCausalLM.from_pretrained` (meta model, ``safe_open(...).get_slice`` per rank);
+- ``lazy``: `AutoModelForCausalLM.from_pretrained` (meta model, one ``safe_open`` map per slice read);
 - ``full``: every rank ``safetensors.torch.load_file`` on every file, then shards it with `adapt_state_dict`.
 
-Per rank: wall time, peak RSS above the baseline measured after imports and process-group setup (VmHWM), and
-the bytes of checkpoint data the rank reads (the slices it asks for, resp. the whole files). Deletes the
+Per rank: wall time and CPU time (user + sys: the work itself, less sensitive than wall time to 4 ranks sharing 2
+cores) of the load, peak RSS above the baseline measured after imports and process-group setup (VmHWM), and the
+bytes of checkpoint data the rank reads (the slices it asks for, resp. the whole files). Both methods leave row
+slices as views of memory-mapped files whose pages come in on first use, so each rank then reads every page of
+its parameters once (as a first forward pass would): "touch s" and "touched RSS MiB" (peak above baseline after
+that) show what the load deferred. Setup (imports, process group, a first ``AutoConfig.from_pretrained``, whose
+one-time import of transformers' model registry costs both methods ~1 s of CPU) is not timed. Deletes the
 checkpoint at the end.
 
     python bench/bench_load_checkpoint.py [--tp 4] [--layers 8] [--hidden 2048] [--keep DIR]
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -88,11 +94,23 @@ def _reset_peak_rss() -> float:
     return _status_mib("VmRSS")
 
 
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _touch_every_page(model: torch.nn.Module) -> float:
+    """Read one element per 4 KiB page of every parameter (cheap compute, every page brought in)."""
+    with torch.no_grad():
+        return sum(float(p.detach().reshape(-1)[:: max(1, 4096 // p.element_size())].sum()) for p in model.parameters())
+
+
 T0 = time.perf_counter()  # set again when a spawned worker imports this module
 
 
 def worker(rank: int, world: int, path: str, method: str) -> dict:
     from safetensors.torch import load_file
+    from transformers import AutoConfig
 
     from optimum_neuron_peft.models import AutoModelForCausalLM, LlamaForCausalLM, ParallelPlan
     from optimum_neuron_peft.models.auto import resolve_tensor_parallel
@@ -101,16 +119,15 @@ def worker(rank: int, world: int, path: str, method: str) -> dict:
     from optimum_neuron_peft.transformations import adapt_state_dict
 
     initialize_model_parallel(tensor_model_parallel_size=world)
+    AutoConfig.from_pretrained(path)  # its first call imports transformers' model registry (~1 s CPU): setup
     torch.distributed.barrier()
     import_s = time.perf_counter() - T0
     baseline = _reset_peak_rss()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _cpu_s()
     if method == "lazy":
         model = AutoModelForCausalLM.from_pretrained(path)
         read = sum(p.numel() * p.element_size() for p in model.parameters())  # exactly the slices it asked for
     else:
-        from transformers import AutoConfig
-
         hf_config = AutoConfig.from_pretrained(path)
         plan = ParallelPlan(resolve_tensor_parallel(), dtype=torch.float32, device="meta", initialize=False)
         model = LlamaForCausalLM(hf_config, plan)
@@ -121,11 +138,16 @@ def worker(rank: int, world: int, path: str, method: str) -> dict:
         local = adapt_state_dict(model, full, model.tp.rank)
         del full
         assign_parameters(model, local)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu_start
+    peak = _status_mib("VmHWM") - baseline
+    start = time.perf_counter()
+    _touch_every_page(model)
+    touch = time.perf_counter() - start
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     torch.distributed.barrier()
-    return {"rank": rank, "seconds": elapsed, "peak_rss_mib": _status_mib("VmHWM") - baseline, "import_s": import_s, "baseline_mib": baseline,
+    return {"rank": rank, "seconds": elapsed, "cpu_s": cpu, "peak_rss_mib": peak, "touch_s": touch,
+            "touched_rss_mib": _status_mib("VmHWM") - baseline, "import_s": import_s, "baseline_mib": baseline,
             "read_mib": read / 2**20, "local_params_mib": params / 2**20, "largest_slice_mib": largest / 2**20}  # fmt: skip
 
 
@@ -148,16 +170,19 @@ def main() -> None:
         total = write_checkpoint(root, args.hidden, args.intermediate, args.layers, 16, 4, args.vocab)
         print(f"checkpoint: {total / 2**30:.2f} GiB fp32 in {root} (written in {time.perf_counter() - t:.1f} s), "
               f"tp = {args.tp}, {os.cpu_count()} cores")  # fmt: skip
-        print(f"{'method':<6} {'rank':>4} {'wall s':>7} {'read MiB':>9} {'peak RSS MiB':>13} {'params MiB':>11} "
-              f"{'bound MiB':>10} {'baseline MiB':>13} {'setup s':>8}")  # fmt: skip
+        print(f"{'method':<6} {'rank':>4} {'wall s':>7} {'cpu s':>6} {'read MiB':>9} {'peak RSS MiB':>13} {'params MiB':>11} "
+              f"{'bound MiB':>10} {'touch s':>8} {'touched RSS MiB':>16} {'baseline MiB':>13} {'setup s':>8}")  # fmt: skip
         for method in ("lazy", "full"):
             t = time.perf_counter()
             rows = spawn(worker, args.tp, str(root), method, timeout_s=900)
             wall = time.perf_counter() - t
             for r in rows:
                 bound = total / 2**20 / args.tp + 1.5 * r["largest_slice_mib"]
-                print(f"{method:<6} {r['rank']:>4} {r['seconds']:>7.2f} {r['read_mib']:>9.0f} {r['peak_rss_mib']:>13.0f} "
-                      f"{r['local_params_mib']:>11.0f} {bound:>10.0f} {r['baseline_mib']:>13.0f} {r['import_s']:>8.1f}")  # fmt: skip
+                print(f"{method:<6} {r['rank']:>4} {r['seconds']:>7.2f} {r['cpu_s']:>6.2f} {r['read_mib']:>9.0f} {r['peak_rss_mib']:>13.0f} "
+                      f"{r['local_params_mib']:>11.0f} {bound:>10.0f} {r['touch_s']:>8.2f} {r['touched_rss_mib']:>16.0f} "
+                      f"{r['baseline_mib']:>13.0f} {r['import_s']:>8.1f}")  # fmt: skip
+            mean = sum(r["seconds"] for r in rows) / len(rows), sum(r["cpu_s"] for r in rows) / len(rows)
+            print(f"{method:<6} mean {mean[0]:>7.2f} {mean[1]:>6.2f}")
             print(f"{method:<6} all  {wall:>7.2f} (spawn + load, whole group)")
     finally:
         if not args.keep:
