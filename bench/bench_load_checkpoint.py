@@ -3,7 +3,9 @@
 Writes a synthetic checkpoint (random fp32 weights, two index-sharded files) under a temporary directory in /tmp,
 then, in a fresh group of ``--tp`` gloo processes for each method:
 
-- ``lazy``: `AutoModelForCausalLM.from_pretrained` (meta model, one ``safe_open`` map per slice read);
+- ``lazy``: `AutoModelForCausalLM.from_pretrained` (meta model; a row range that stays as it is is a view of a
+  ``safe_open`` map of its own, a column range is copied out of one, rows that are concatenated (gate/up) are read
+  straight into the result);
 - ``full``: every rank ``safetensors.torch.load_file`` on every file, then shards it with `adapt_state_dict`.
 
 Per rank: wall time and CPU time (user + sys: the work itself, less sensitive than wall time to 4 ranks sharing 2
@@ -15,7 +17,7 @@ that) show what the load deferred. Setup (imports, process group, a first ``Auto
 one-time import of transformers' model registry costs both methods ~1 s of CPU) is not timed. Deletes the
 checkpoint at the end.
 
-    python bench/bench_load_checkpoint.py [--tp 4] [--layers 8] [--hidden 2048] [--keep DIR]
+    python bench/bench_load_checkpoint.py [--tp 4] [--layers 8] [--hidden 2048] [--repeats 5] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +162,7 @@ def main() -> None:
     parser.add_argument("--intermediate", type=int, default=5632)
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--keep", help="write the checkpoint here and keep it")
+    parser.add_argument("--repeats", type=int, default=5, help="groups per method, in alternating order")
     args = parser.parse_args()
 
     from optimum_neuron_peft.parallel import spawn
@@ -170,20 +174,29 @@ def main() -> None:
         total = write_checkpoint(root, args.hidden, args.intermediate, args.layers, 16, 4, args.vocab)
         print(f"checkpoint: {total / 2**30:.2f} GiB fp32 in {root} (written in {time.perf_counter() - t:.1f} s), "
               f"tp = {args.tp}, {os.cpu_count()} cores")  # fmt: skip
-        print(f"{'method':<6} {'rank':>4} {'wall s':>7} {'cpu s':>6} {'read MiB':>9} {'peak RSS MiB':>13} {'params MiB':>11} "
-              f"{'bound MiB':>10} {'touch s':>8} {'touched RSS MiB':>16} {'baseline MiB':>13} {'setup s':>8}")  # fmt: skip
-        for method in ("lazy", "full"):
-            t = time.perf_counter()
-            rows = spawn(worker, args.tp, str(root), method, timeout_s=900)
-            wall = time.perf_counter() - t
-            for r in rows:
-                bound = total / 2**20 / args.tp + 1.5 * r["largest_slice_mib"]
-                print(f"{method:<6} {r['rank']:>4} {r['seconds']:>7.2f} {r['cpu_s']:>6.2f} {r['read_mib']:>9.0f} {r['peak_rss_mib']:>13.0f} "
-                      f"{r['local_params_mib']:>11.0f} {bound:>10.0f} {r['touch_s']:>8.2f} {r['touched_rss_mib']:>16.0f} "
-                      f"{r['baseline_mib']:>13.0f} {r['import_s']:>8.1f}")  # fmt: skip
-            mean = sum(r["seconds"] for r in rows) / len(rows), sum(r["cpu_s"] for r in rows) / len(rows)
-            print(f"{method:<6} mean {mean[0]:>7.2f} {mean[1]:>6.2f}")
-            print(f"{method:<6} all  {wall:>7.2f} (spawn + load, whole group)")
+        print(f"{'run':>3} {'method':<6} {'rank':>4} {'wall s':>7} {'cpu s':>6} {'read MiB':>9} {'peak RSS MiB':>13} "
+              f"{'params MiB':>11} {'bound MiB':>10} {'touch s':>8} {'touched RSS MiB':>16} {'baseline MiB':>13} {'setup s':>8}")  # fmt: skip
+        means: dict[str, list[tuple[float, float]]] = {"lazy": [], "full": []}
+        peaks: dict[str, float] = {"lazy": 0.0, "full": 0.0}
+        for run in range(args.repeats):
+            # Alternate the order: the second group of a pair may find a warmer (or busier) machine.
+            for method in ("lazy", "full") if run % 2 == 0 else ("full", "lazy"):
+                rows = spawn(worker, args.tp, str(root), method, timeout_s=900)
+                for r in rows:
+                    bound = total / 2**20 / args.tp + 1.5 * r["largest_slice_mib"]
+                    print(f"{run:>3} {method:<6} {r['rank']:>4} {r['seconds']:>7.2f} {r['cpu_s']:>6.2f} {r['read_mib']:>9.0f} "
+                          f"{r['peak_rss_mib']:>13.0f} {r['local_params_mib']:>11.0f} {bound:>10.0f} {r['touch_s']:>8.2f} "
+                          f"{r['touched_rss_mib']:>16.0f} {r['baseline_mib']:>13.0f} {r['import_s']:>8.1f}")  # fmt: skip
+                means[method].append((statistics.mean(r["seconds"] for r in rows), statistics.mean(r["cpu_s"] for r in rows)))
+                peaks[method] = max(peaks[method], max(r["peak_rss_mib"] for r in rows))
+        print(f"\nover {args.repeats} runs (per run: the mean over ranks), bound {bound:.0f} MiB")
+        print(f"{'method':<6} {'median wall s':>14} {'min':>6} {'max':>6} {'median cpu s':>13} {'max peak RSS MiB':>17}")
+        for method, values in means.items():
+            walls, cpus = [w for w, _ in values], [c for _, c in values]
+            print(f"{method:<6} {statistics.median(walls):>14.3f} {min(walls):>6.3f} {max(walls):>6.3f} "
+                  f"{statistics.median(cpus):>13.3f} {peaks[method]:>17.0f}")  # fmt: skip
+        ratio = statistics.median(w for w, _ in means["lazy"]) / statistics.median(w for w, _ in means["full"])
+        print(f"lazy / full median wall time: {ratio:.3f}")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -158,7 +158,8 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, StoredTensor]:
             ) from None
         if not 0 <= begin <= end or data_start + end > file_size:
             raise CheckpointError(
-                f"{path}: tensor '{name}' data [{begin}, {end}) lies outside the {file_size - data_start} data bytes"
+                f"{path}: tensor '{name}' needs data bytes [{begin}, {end}), the file holds only "
+                f"{file_size - data_start} (truncated? download or copy it again)"
             )
         stored = StoredTensor(name, shape, dtype, path, data_start + begin, end - begin)
         if stored.nbytes != end - begin:

@@ -17,6 +17,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..checkpoint.dtypes import torch_dtype
+from ..checkpoint.lazy import read_exact_into
+from ..checkpoint.stored import StoredTensor, read_safetensors_header
 from ..errors import CheckpointError, SpecError
 from ..parallel import GQAQKVColumnParallelLinear
 from ..transformations import adapt_state_dict
@@ -27,70 +30,29 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Checkpoint tensors that carry no parameter (old Llama checkpoints stored the rotary buffer).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
-_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-_MAX_HEADER = 100 * 2**20  # safetensors' own limit: a larger length field means a corrupted or foreign file
-
-
-def _invalid(file: Path, what: str) -> CheckpointError:
-    return CheckpointError(f"{file}: not a valid safetensors file ({what})")
-
-
-def read_safetensors_header(file: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """{tensor name: (safetensors dtype code, shape)} from the header of ``file``.
-
-    The header is an 8-byte little-endian length, then JSON whose ``data_offsets`` count from the end of the header.
-    Every tensor must lie inside the file, so a truncated or corrupted file fails here with a `CheckpointError`
-    naming it, instead of a bare safetensors error in the middle of the load.
-    """
-    try:
-        with open(file, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            length = int.from_bytes(f.read(8), "little")
-            if size < 8 or length > min(_MAX_HEADER, size - 8):
-                raise _invalid(file, f"header length {length} does not fit in the {size}-byte file")
-            header = json.loads(f.read(length))
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read the checkpoint file ({e.strerror})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _invalid(file, f"header is not JSON: {e}") from None
-    if not isinstance(header, dict):
-        raise _invalid(file, f"header is a JSON {type(header).__name__}, expected an object")
-    data_bytes = size - 8 - length
-    tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = str(entry["dtype"]), tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _invalid(file, f"unreadable entry for tensor {name}: {entry!r}") from None
-        if not 0 <= begin <= end or any(d < 0 for d in shape):
-            raise _invalid(file, f"tensor {name} has data_offsets {[begin, end]} and shape {list(shape)}")
-        if end > data_bytes:
-            raise CheckpointError(
-                f"{file}: tensor {name} needs data bytes up to {end}, the file holds only {data_bytes} "
-                "(truncated? download or copy it again)"
-            )
-        tensors[name] = (dtype, shape)
-    return tensors
+_FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class FileSlice:
-    """A lazy tensor of a safetensors file; each ``slice[index]`` reads through a map of its own.
+    """A lazy tensor of a safetensors file (a checked header entry, `checkpoint.stored.StoredTensor`).
 
-    ``shape`` / ``get_shape()`` / ``dtype`` come from the header. A read opens the file with ``safe_open`` (~0.1 ms)
-    and returns safetensors' slice, a view of that private (copy-on-write) map. A row range is used as is: no
-    copy, its pages come from the page cache on first use, and its map lives as long as the tensor. A column range
-    is copied by the caller (`take_blocks`), and its map, every page of which the copy touched, goes with the
-    view. Why one map per read: a map shared by the whole load keeps all those pages resident (~990 MiB per rank
-    instead of ~350). Why views rather than owned memory: positioned reads into the result tensors must zero-fill
-    and copy every byte the views never copy, ~2x the load time, and pushed the peak RSS past the bound on some
-    ranks (docs/benchmarks.md).
+    Two ways to read it, chosen by the sharding functions:
+
+    - ``slice[index]`` (a view): opens the file with ``safe_open`` (~0.1 ms) and returns safetensors' slice, a view
+      of that private (copy-on-write) map. A row range is used as is: no copy, its pages come from the page cache
+      on first use, and its map lives as long as the tensor. A column range is copied by the caller
+      (`take_blocks`), and its map, every page of which the copy touched, goes with the view. One map per read,
+      because a map shared by the whole load keeps all those pages resident (~990 MiB per rank instead of ~350).
+    - ``read_rows_into(out, start, stop)`` (a copy): positioned reads of rows straight into ``out``, used when rows
+      are concatenated anyway (`gather_blocks`: fused gate/up, fused qkv, replicated key/value heads). It saves
+      mapping the source and tearing the map down. Owned memory is no win for rows that can stay views: it must
+      zero-fill and copy every byte the views never copy, ~2x the load time (docs/benchmarks.md).
     """
 
-    def __init__(self, file: Path, name: str, shape: tuple[int, ...], dtype: str) -> None:
-        self.file, self.name, self.shape, self.dtype = file, name, shape, dtype
+    def __init__(self, stored: StoredTensor) -> None:
+        self.stored = stored
+        self.file, self.name, self.shape = stored.file, stored.name, stored.shape
+        self.dtype = torch_dtype(stored.dtype)
 
     def get_shape(self) -> list[int]:
         return list(self.shape)
@@ -101,6 +63,19 @@ class FileSlice:
                 return f.get_slice(self.name)[index]
         except SafetensorError as e:  # e.g. the file changed since its header was checked
             raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {e}") from None
+
+    def read_rows_into(self, out: torch.Tensor, start: int, stop: int) -> None:
+        """Fill the contiguous tensor ``out`` with rows ``[start, stop)``."""
+        shape = (stop - start, *self.shape[1:])
+        if not 0 <= start <= stop <= self.shape[0] or tuple(out.shape) != shape or out.dtype != self.dtype:
+            raise CheckpointError(
+                f"{self.file}: tensor {self.name} {tuple(self.shape)} {self.dtype}: cannot read rows [{start}, {stop}) "
+                f"into a {tuple(out.shape)} {out.dtype} tensor"
+            )
+        if not out.is_contiguous():
+            raise CheckpointError(f"{self.file}: rows of tensor {self.name} can only be read into a contiguous tensor")
+        row_bytes = self.stored.nbytes // max(self.shape[0], 1)
+        read_exact_into(self.file, self.stored.offset + start * row_bytes, out)
 
 
 def checkpoint_weight_map(path: str | os.PathLike) -> dict[str, Path]:
@@ -156,8 +131,7 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, dtype: torch.dtyp
                 continue
             if name not in header:
                 raise CheckpointError(f"{file}: the index places tensor {name} in this file, but it is not there")
-            code, shape = header[name]
-            slices[name] = FileSlice(file, name, shape, code)
+            slices[name] = FileSlice(header[name])
     for name, piece in slices.items():
         if piece.shape != expected[name]:
             raise CheckpointError(f"{piece.file}: tensor {name} has shape {piece.shape}, expected {expected[name]} from config.json")

@@ -24,7 +24,7 @@ import torch
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
 from .peft_targets import FusedModuleSpec
-from .sharding import materialize, shard_tensor, tensor_shape, unshard_tensors
+from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape, unshard_tensors
 
 _FUSE_AXES = {"column": 0, "row": 1, 0: 0, 1: 1}
 
@@ -122,8 +122,8 @@ class FusedLinearsSpec(FusedModuleSpec, ModelWeightTransformationSpec):
                 local[f"{m}.{fused}.{param}"] = torch.cat(pieces, dim=0)
             else:
                 dim = self.fuse_axis if param == "weight" else 0
-                pieces = [shard_tensor(state_dict[n], dim, self.tp_size, tp_rank, name=n) for n in names]
-                local[f"{m}.{fused}.{param}"] = torch.cat(pieces, dim=dim)
+                pieces = [(state_dict[n], shard_ranges(state_dict[n], dim, self.tp_size, tp_rank, name=n)) for n in names]
+                local[f"{m}.{fused}.{param}"] = gather_blocks(pieces, dim)
             consumed += names
         # LoRA: lora_B of a column-fused linear and lora_A of a row-fused one are sharded like the base weight.
         sharded, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)

@@ -29,13 +29,38 @@ from .gqa_layout import (
     kv_replicas_for_rank,
     query_head_indices_for_rank,
 )
-from .sharding import take_blocks, tensor_shape
+from .sharding import gather_blocks, take_blocks, tensor_shape
 
 QKV = ("q", "k", "v")
 
 
 def _head_blocks(heads: Sequence[int], head_dim: int) -> list[tuple[int, int]]:
     return [(h * head_dim, (h + 1) * head_dim) for h in heads]
+
+
+def query_or_output_blocks(
+    size: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+    kv_size_multiplier: int,
+    query_or_output_proj: Literal["query", "output"],
+    tp_size: int,
+    tp_rank: int,
+    kv_layout: KVLayout = "tiled",
+) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` ranges, in local order, of this rank's query heads along a dim of ``size`` (q_proj
+    rows or o_proj columns)."""
+    if query_or_output_proj not in ("query", "output"):
+        raise SpecError(f"query_or_output_proj must be 'query' or 'output', got {query_or_output_proj!r}")
+    if size % num_attention_heads != 0:
+        raise SpecError(
+            f"{query_or_output_proj} projection: dim {0 if query_or_output_proj == 'query' else 1} has size {size}, "
+            f"not a multiple of num_attention_heads={num_attention_heads}"
+        )
+    heads = query_head_indices_for_rank(
+        tp_size, tp_rank, num_attention_heads, num_key_value_heads, kv_size_multiplier, kv_layout
+    )
+    return _head_blocks(heads, size // num_attention_heads)
 
 
 def create_query_or_output_projection_local_weight_from_regular_weight(
@@ -49,35 +74,28 @@ def create_query_or_output_projection_local_weight_from_regular_weight(
     kv_layout: KVLayout = "tiled",
 ) -> torch.Tensor:
     """This rank's rows of a q_proj weight/bias (``"query"``) or columns of an o_proj weight (``"output"``)."""
-    if query_or_output_proj not in ("query", "output"):
-        raise SpecError(f"query_or_output_proj must be 'query' or 'output', got {query_or_output_proj!r}")
     dim = 0 if query_or_output_proj == "query" else 1
-    size = tensor_shape(weight_data)[dim]
-    if size % num_attention_heads != 0:
-        raise SpecError(
-            f"{query_or_output_proj} projection: dim {dim} has size {size}, not a multiple of "
-            f"num_attention_heads={num_attention_heads}"
-        )
-    heads = query_head_indices_for_rank(
-        tp_size, tp_rank, num_attention_heads, num_key_value_heads, kv_size_multiplier, kv_layout
-    )
-    return take_blocks(weight_data, dim, _head_blocks(heads, size // num_attention_heads))
+    blocks = query_or_output_blocks(
+        tensor_shape(weight_data)[dim], num_attention_heads, num_key_value_heads, kv_size_multiplier,
+        query_or_output_proj, tp_size, tp_rank, kv_layout,
+    )  # fmt: skip
+    return take_blocks(weight_data, dim, blocks)
 
 
-def create_kv_proj_local_weight_from_regular_weight(
-    weight_data: Any,
+def kv_blocks(
+    rows: int,
     kv_size_multiplier: int,
     output_size_per_partition: int,
     tp_size: int,
     tp_rank: int,
     num_key_value_heads: int | None = None,
     kv_layout: KVLayout = "tiled",
-) -> torch.Tensor:
-    """This rank's rows of a k_proj / v_proj weight or bias after replicating its heads ``kv_size_multiplier`` times.
+) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` row ranges of a k_proj / v_proj tensor of ``rows`` rows that make up this rank's rows
+    after replicating its heads ``kv_size_multiplier`` times.
 
     ``num_key_value_heads`` is needed only for the interleaved layout (tiled replication does not depend on it).
     """
-    rows = tensor_shape(weight_data)[0]
     if rows * kv_size_multiplier != output_size_per_partition * tp_size:
         raise SpecError(
             f"key/value projection: {rows} rows replicated {kv_size_multiplier} times must fill tp_size={tp_size} "
@@ -104,6 +122,24 @@ def create_kv_proj_local_weight_from_regular_weight(
         for pos in range(start, stop, head_dim):
             head = (pos // head_dim) // kv_size_multiplier  # replicas of a head are adjacent
             blocks.append((head * head_dim, (head + 1) * head_dim))
+    return blocks
+
+
+def create_kv_proj_local_weight_from_regular_weight(
+    weight_data: Any,
+    kv_size_multiplier: int,
+    output_size_per_partition: int,
+    tp_size: int,
+    tp_rank: int,
+    num_key_value_heads: int | None = None,
+    kv_layout: KVLayout = "tiled",
+) -> torch.Tensor:
+    """This rank's rows of a k_proj / v_proj weight or bias after replicating its heads ``kv_size_multiplier`` times
+    (see `kv_blocks`)."""
+    blocks = kv_blocks(
+        tensor_shape(weight_data)[0], kv_size_multiplier, output_size_per_partition, tp_size, tp_rank,
+        num_key_value_heads, kv_layout,
+    )  # fmt: skip
     return take_blocks(weight_data, 0, blocks)
 
 
@@ -244,17 +280,22 @@ class GQAQKVColumnParallelLinearSpec(FusedModuleSpec, ModelWeightTransformationS
 
     # -- original -> local --------------------------------------------------------------------------------------
 
-    def _local_rows_of(self, which: str, tensor: Any, tp_rank: int) -> torch.Tensor:
-        """This rank's rows of an original q/k/v tensor (weight, bias or lora_B), laid out for the GQA layer."""
+    def _local_row_blocks(self, which: str, tensor: Any, tp_rank: int) -> list[tuple[int, int]]:
+        """The row ranges of an original q/k/v tensor (weight, bias or lora_B) this rank holds, in GQA layer order."""
+        rows = tensor_shape(tensor)[0]
         if which == "q":
-            return create_query_or_output_projection_local_weight_from_regular_weight(
-                tensor, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, "query",
+            return query_or_output_blocks(
+                rows, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, "query",
                 self.tp_size, tp_rank, self.kv_layout,
-            )
-        return create_kv_proj_local_weight_from_regular_weight(
-            tensor, self.kv_size_multiplier, self.kv_output_size_per_partition, self.tp_size, tp_rank,
+            )  # fmt: skip
+        return kv_blocks(
+            rows, self.kv_size_multiplier, self.kv_output_size_per_partition, self.tp_size, tp_rank,
             self.num_key_value_heads, self.kv_layout,
-        )
+        )  # fmt: skip
+
+    def _local_rows_of(self, which: str, tensor: Any, tp_rank: int) -> torch.Tensor:
+        """This rank's rows of an original q/k/v tensor, laid out for the GQA layer."""
+        return take_blocks(tensor, 0, self._local_row_blocks(which, tensor, tp_rank))
 
     def _check_rows(self, name: str, tensor: Any, which: str) -> None:
         heads = self.num_attention_heads if which == "q" else self.num_key_value_heads
@@ -279,14 +320,15 @@ class GQAQKVColumnParallelLinearSpec(FusedModuleSpec, ModelWeightTransformationS
                 missing = [n for n in names.values() if n not in state_dict]
                 raise SpecError(f"{m}.{gqa}: missing original tensors {missing} to build the GQA QKV {param}")
             if present:
-                parts = {}
+                blocks = {}
                 for s in QKV:
                     self._check_rows(names[s], state_dict[names[s]], s)
-                    parts[s] = self._local_rows_of(s, state_dict[names[s]], tp_rank)
+                    blocks[s] = self._local_row_blocks(s, state_dict[names[s]], tp_rank)
                 if self.fuse_qkv:
-                    local[f"{m}.{gqa}.{param}_qkv"] = torch.cat([parts[s] for s in QKV], dim=0)
+                    parts = [(state_dict[names[s]], blocks[s]) for s in QKV]
+                    local[f"{m}.{gqa}.{param}_qkv"] = gather_blocks(parts, 0)
                 else:
-                    local.update({f"{m}.{gqa}.{param}_{s}": parts[s] for s in QKV})
+                    local.update({f"{m}.{gqa}.{param}_{s}": take_blocks(state_dict[names[s]], 0, blocks[s]) for s in QKV})
                 consumed += list(names.values())
         o_weight = f"{m}.{self.output_projection_name}.weight"
         if o_weight in state_dict:
