@@ -38,11 +38,11 @@ class FileSlice:
 
     Two ways to read it, chosen by the sharding functions:
 
-    - ``slice[index]`` (a view): opens the file with ``safe_open`` (~0.1 ms) and returns safetensors' slice, a view
-      of that private (copy-on-write) map. A row range is used as is: no copy, its pages come from the page cache
-      on first use, and its map lives as long as the tensor. A column range is copied by the caller
-      (`take_blocks`), and its map, every page of which the copy touched, goes with the view. One map per read,
-      because a map shared by the whole load keeps all those pages resident (~990 MiB per rank instead of ~350).
+    - ``slice[index]`` (a view): maps the file privately (copy-on-write, ``torch.from_file(shared=False)``) and
+      indexes the tensor there. A row range is used as is: no copy, its pages come from the page cache on first
+      use, and its map lives as long as the tensor. A column range is copied by the caller (`take_blocks`), and its
+      map, every page of which the copy touched, goes with the view. One map per read, because a map shared by the
+      whole load keeps all those pages resident (~990 MiB per rank instead of ~350).
     - ``read_rows_into(out, start, stop)`` (a copy): positioned reads of rows straight into ``out``, used when rows
       are concatenated anyway (`gather_blocks`: fused gate/up, fused qkv, replicated key/value heads). It saves
       mapping the source and tearing the map down. Owned memory is no win for rows that can stay views: it must
@@ -58,11 +58,22 @@ class FileSlice:
         return list(self.shape)
 
     def __getitem__(self, index) -> torch.Tensor:
-        try:
-            with safe_open(str(self.file), framework="pt") as f:
-                return f.get_slice(self.name)[index]
-        except SafetensorError as e:  # e.g. the file changed since its header was checked
+        return self._view()[index]
+
+    def _view(self) -> torch.Tensor:
+        """The whole tensor as a view of a private map of the file, which lives as long as the view does."""
+        offset, nbytes = self.stored.offset, self.stored.nbytes
+        if offset % self.dtype.itemsize or nbytes == 0:  # a typed view needs an aligned start; safetensors copies
+            try:
+                with safe_open(str(self.file), framework="pt") as f:
+                    return f.get_slice(self.name)[:]
+            except SafetensorError as e:
+                raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {e}") from None
+        try:  # ~25 us, against ~120 us for safe_open, which also parses the header again
+            raw = torch.from_file(str(self.file), shared=False, size=offset + nbytes, dtype=torch.uint8)
+        except RuntimeError as e:  # e.g. the file shrank since its header was checked
             raise CheckpointError(f"{self.file}: cannot read tensor {self.name}: {e}") from None
+        return raw[offset:].view(self.dtype).view(self.shape)
 
     def read_rows_into(self, out: torch.Tensor, start: int, stop: int) -> None:
         """Fill the contiguous tensor ``out`` with rows ``[start, stop)``."""
