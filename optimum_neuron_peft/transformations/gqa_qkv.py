@@ -39,15 +39,9 @@ def _head_blocks(heads: Sequence[int], head_dim: int) -> list[tuple[int, int]]:
 
 
 def query_or_output_blocks(
-    size: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-    kv_size_multiplier: int,
-    query_or_output_proj: Literal["query", "output"],
-    tp_size: int,
-    tp_rank: int,
-    kv_layout: KVLayout = "tiled",
-) -> list[tuple[int, int]]:
+    size: int, num_attention_heads: int, num_key_value_heads: int, kv_size_multiplier: int,
+    query_or_output_proj: Literal["query", "output"], tp_size: int, tp_rank: int, kv_layout: KVLayout = "tiled",
+) -> list[tuple[int, int]]:  # fmt: skip
     """The ``[start, stop)`` ranges, in local order, of this rank's query heads along a dim of ``size`` (q_proj
     rows or o_proj columns)."""
     if query_or_output_proj not in ("query", "output"):
@@ -83,14 +77,9 @@ def create_query_or_output_projection_local_weight_from_regular_weight(
 
 
 def kv_blocks(
-    rows: int,
-    kv_size_multiplier: int,
-    output_size_per_partition: int,
-    tp_size: int,
-    tp_rank: int,
-    num_key_value_heads: int | None = None,
-    kv_layout: KVLayout = "tiled",
-) -> list[tuple[int, int]]:
+    rows: int, kv_size_multiplier: int, output_size_per_partition: int, tp_size: int, tp_rank: int,
+    num_key_value_heads: int | None = None, kv_layout: KVLayout = "tiled",
+) -> list[tuple[int, int]]:  # fmt: skip
     """The ``[start, stop)`` row ranges of a k_proj / v_proj tensor of ``rows`` rows that make up this rank's rows
     after replicating its heads ``kv_size_multiplier`` times.
 
