@@ -9,7 +9,6 @@ checks are torch-free, in `stored`; this module adds torch dtypes and reading.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,14 @@ import torch
 
 from ..errors import CheckpointError
 from .dtypes import torch_dtype
-from .stored import StoredTensor, check_layout, contiguous_strides, is_dense_layout, read_safetensors_header, storage_span
+from .stored import StoredTensor, TensorPlacement, check_layout, read_safetensors_header
 
 # A read of more than 2 GiB is split by the kernel anyway; asking for at most this much per call keeps the loop simple.
 _MAX_READ = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
-class LazyTensor:
+class LazyTensor(TensorPlacement):
     """Where one tensor lives in a file; :meth:`load` reads it.
 
     ``offset`` is the absolute byte offset in ``file`` of element 0 of the tensor's *storage*, ``storage_nbytes`` the
@@ -67,33 +66,13 @@ class LazyTensor:
         return self.dtype.itemsize
 
     @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the loaded (contiguous) tensor."""
-        return self.numel * self.itemsize
-
-    @property
     def read_nbytes(self) -> int:
         """Bytes read from disk by :meth:`load` (more than ``nbytes`` for a strided view with gaps)."""
-        return self._span()[1] * self.itemsize
-
-    def _strides(self) -> tuple[int, ...]:
-        return contiguous_strides(tuple(self.shape)) if self.stride is None else tuple(self.stride)
-
-    def _span(self) -> tuple[int, int]:
-        """(first element, element count) of the storage region the tensor touches."""
-        return storage_span(tuple(self.shape), self._strides(), self.storage_offset)
-
-    def is_dense(self) -> bool:
-        """True when the span read from disk is exactly the tensor in row-major order (no copy needed)."""
-        return is_dense_layout(tuple(self.shape), self._strides())
+        return self.span()[1] * self.itemsize
 
     def load(self) -> torch.Tensor:
         """Read the tensor: a fresh, contiguous CPU tensor that owns its memory."""
-        first, count = self._span()
+        first, count = self.span()
         if count == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         buffer = torch.empty(count, dtype=self.dtype)
@@ -101,7 +80,7 @@ class LazyTensor:
         if self.is_dense():
             return buffer.view(self.shape)
         # Gaps or a transposed layout: read the span once, then copy the view out so the span buffer can be freed.
-        view = torch.as_strided(buffer, self.shape, self._strides())
+        view = torch.as_strided(buffer, self.shape, self.strides())
         return view.clone(memory_format=torch.contiguous_format)
 
     def __repr__(self) -> str:

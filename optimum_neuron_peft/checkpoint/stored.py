@@ -68,8 +68,35 @@ def check_layout(
         )
 
 
+class TensorPlacement:
+    """Sizes and layout shared by `StoredTensor` and `lazy.LazyTensor`, from their ``shape``, ``stride``,
+    ``storage_offset`` and ``itemsize`` (the one place the two differ: a dtype name here, a torch dtype there)."""
+
+    __slots__ = ()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor itself (contiguous)."""
+        return self.numel * self.itemsize
+
+    def strides(self) -> tuple[int, ...]:
+        return contiguous_strides(tuple(self.shape)) if self.stride is None else tuple(self.stride)
+
+    def span(self) -> tuple[int, int]:
+        """(first element, element count) of the storage region the tensor touches."""
+        return storage_span(tuple(self.shape), self.strides(), self.storage_offset)
+
+    def is_dense(self) -> bool:
+        """True when the span read from disk is exactly the tensor in row-major order (no copy needed)."""
+        return self.stride is None or is_dense_layout(tuple(self.shape), self.stride)
+
+
 @dataclass(frozen=True, slots=True)
-class StoredTensor:
+class StoredTensor(TensorPlacement):
     """One tensor inside a file (fields as `lazy.LazyTensor`'s, with the dtype by name); validated when built.
 
     ``offset`` is the absolute byte offset in ``file`` of element 0 of the tensor's storage, ``storage_nbytes``
@@ -97,17 +124,6 @@ class StoredTensor:
     @property
     def itemsize(self) -> int:
         return DTYPES[self.dtype][0]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
-
-    def is_dense(self) -> bool:
-        return self.stride is None or is_dense_layout(self.shape, self.stride)
 
     def renamed(self, name: str) -> "StoredTensor":
         """The same tensor under another name (no new validation: the layout was checked)."""
