@@ -15,15 +15,16 @@ the two cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ..transformations.gqa_layout import KV_LAYOUTS, gqa_shape_problem, kv_replicas_for_rank, query_head_indices_for_rank
 from ..transformations.names import is_lora_parameter
+from ..transformations.spec_fields import FUSE_AXES, QKV, FusedLinearsFields, GQAQKVFields
 from .provenance import ColumnGather, Piece, Provenance, RowCopy
 
 Shape = tuple[int, ...]
-QKV = ("q", "k", "v")
 SUPPORTED_PEFT_TYPES = ("lora",)  # as `transformations.base`
 
 
@@ -71,6 +72,16 @@ class DeclaredSpec(Protocol):
         """(the weights its ``to_original_weights`` rebuilds from ``group``, in its order; the names it consumes)."""
 
 
+class _Layout:
+    """Base of the declared layouts. Each takes its fields, and the names its spec claims
+    (``get_relevant_parameter_names``), from the spec's field class in `transformations.spec_fields`. Like those
+    classes, the layouts are not frozen: a frozen dataclass may not inherit a non-frozen one. They are built once
+    from a checkpoint's metadata and only read."""
+
+    def relevant_names(self, module: str) -> set[str]:
+        return self.get_relevant_parameter_names(module)  # type: ignore[attr-defined]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Field checks (as strict as the specs' own, or stricter: stricter only sends a checkpoint to the torch engine)
 
@@ -91,6 +102,20 @@ def _fields(data: Any, required: Mapping[str, type], optional: Mapping[str, tupl
         if type(value) is not kinds[key]:
             raise Unsupported(f"{where}: field {key!r} is {value!r}")
     return {**{key: default for key, (_, default) in optional.items()}, **data}
+
+
+def _declared_kinds(field_class: type) -> tuple[dict[str, type], dict[str, tuple[type, Any]]]:
+    """The (required, optional) arguments of `_fields` for a field class whose fields are all str, int or bool."""
+    kinds = {"str": str, "int": int, "bool": bool}
+    required: dict[str, type] = {}
+    optional: dict[str, tuple[type, Any]] = {}
+    for f in dataclasses.fields(field_class):
+        kind = f.type if isinstance(f.type, type) else kinds[f.type]
+        if f.default is dataclasses.MISSING:
+            required[f.name] = kind
+        else:
+            optional[f.name] = (kind, f.default)
+    return required, optional
 
 
 def _merged(pieces: Sequence[Piece]) -> tuple[Piece, ...]:
@@ -129,31 +154,12 @@ def _check_no_lora(group: GroupShapes, relevant: set[str]) -> None:
 # GQAQKVColumnParallelLinearSpec (transformations/gqa_qkv.py)
 
 
-@dataclass(frozen=True)
-class DeclaredGQAQKV:
-    gqa_qkv_projection_name: str
-    query_projection_name: str
-    key_projection_name: str
-    value_projection_name: str
-    output_projection_name: str
-    num_attention_heads: int
-    num_key_value_heads: int
-    kv_size_multiplier: int
-    q_output_size_per_partition: int
-    kv_output_size_per_partition: int
-    fuse_qkv: bool
-    bias: bool
-    tp_size: int
-    kv_layout: str = "tiled"
-
+@dataclass
+class DeclaredGQAQKV(GQAQKVFields, _Layout):
     @classmethod
     def from_fields(cls, data: Any) -> "DeclaredGQAQKV":
         where = "GQAQKVColumnParallelLinearSpec"
-        names = ("gqa_qkv_projection_name", "query_projection_name", "key_projection_name", "value_projection_name", "output_projection_name")
-        ints = ("num_attention_heads", "num_key_value_heads", "kv_size_multiplier", "q_output_size_per_partition",
-                "kv_output_size_per_partition", "tp_size")  # fmt: skip
-        required = {**dict.fromkeys(names, str), **dict.fromkeys(ints, int), "fuse_qkv": bool, "bias": bool}
-        spec = cls(**_fields(data, required, {"kv_layout": (str, "tiled")}, where))
+        spec = cls(**_fields(data, *_declared_kinds(GQAQKVFields), where))
         problem = gqa_shape_problem(spec.tp_size, spec.num_attention_heads, spec.num_key_value_heads, spec.kv_size_multiplier)
         if problem is not None or spec.kv_layout not in KV_LAYOUTS:
             raise Unsupported(f"{where}: {problem or spec.kv_layout}")
@@ -162,34 +168,6 @@ class DeclaredGQAQKV:
         if q_total % spec.num_attention_heads or spec.kv_output_size_per_partition != expected_kv:
             raise Unsupported(f"{where}: partition sizes disagree with the head counts")
         return spec
-
-    @property
-    def head_dim(self) -> int:
-        return self.q_output_size_per_partition * self.tp_size // self.num_attention_heads
-
-    @property
-    def _param_names(self) -> list[str]:
-        return ["weight", "bias"] if self.bias else ["weight"]
-
-    @property
-    def _projections(self) -> dict[str, str]:
-        return {"q": self.query_projection_name, "k": self.key_projection_name, "v": self.value_projection_name}
-
-    def _local_rows(self) -> dict[str, int]:
-        kv = self.kv_output_size_per_partition
-        return {"q": self.q_output_size_per_partition, "k": kv, "v": kv}
-
-    def relevant_names(self, module: str) -> set[str]:
-        m, gqa = module, self.gqa_qkv_projection_name
-        originals = [*self._projections.values(), self.output_projection_name]
-        names = {f"{m}.{proj}.{p}" for proj in originals for p in self._param_names}
-        suffixes = ["qkv"] if self.fuse_qkv else list(QKV)
-        names |= {f"{m}.{gqa}.{p}_{s}" for p in self._param_names for s in suffixes}
-        for lora in ("lora_A", "lora_B"):
-            names |= {f"{m}.{proj}.{lora}.weight" for proj in originals}
-            names |= {f"{m}.{gqa}.{lora}.weight", f"{m}.{gqa}.{lora}.weight_qkv"}
-            names |= {f"{m}.{gqa}.{lora}.weight_{s}" for s in QKV}
-        return names
 
     def _query_slots(self) -> list[tuple[int, int]]:
         """(rank, local slot) holding each original query head, in head order."""
@@ -246,7 +224,7 @@ class DeclaredGQAQKV:
                 shape = group.shape(name)
                 k = group.index(name)
                 out_shape, provenance = self._original_rows(s, k, offset, rows[s], shape[1:], name)
-                outputs.append(Output(f"{m}.{self._projections[s]}.{param}", out_shape, k, provenance))
+                outputs.append(Output(f"{m}.{self._projection_names[s]}.{param}", out_shape, k, provenance))
         o_weight = f"{m}.{self.output_projection_name}.weight"
         if o_weight in present:  # row parallel: its columns follow the query head permutation
             shape = group.shape(o_weight)
@@ -264,24 +242,15 @@ class DeclaredGQAQKV:
 # ---------------------------------------------------------------------------------------------------------------------
 # FusedLinearsSpec (transformations/fused_linears.py)
 
-_FUSE_AXES = {"column": 0, "row": 1, 0: 0, 1: 1}
 
-
-@dataclass(frozen=True)
-class DeclaredFusedLinears:
-    fused_linear_name: str
-    linear_names: tuple[str, ...]
-    bias: bool
-    fuse_axis: int
-    original_dims: tuple[int, ...]
-    tp_size: int
-
+@dataclass
+class DeclaredFusedLinears(FusedLinearsFields, _Layout):
     @classmethod
     def from_fields(cls, data: Any) -> "DeclaredFusedLinears":
         where = "FusedLinearsSpec"
         required = {"fused_linear_name": str, "linear_names": list, "bias": bool, "original_dims": list, "tp_size": int}
         fuse_axis = data.get("fuse_axis") if isinstance(data, Mapping) else None
-        if type(fuse_axis) not in (int, str) or fuse_axis not in _FUSE_AXES:
+        if type(fuse_axis) not in (int, str) or fuse_axis not in FUSE_AXES:
             raise Unsupported(f"{where}: fuse_axis {fuse_axis!r}")
         fields = _fields({k: v for k, v in data.items() if k != "fuse_axis"}, required, {}, where)
         names, dims, tp = fields["linear_names"], fields["original_dims"], fields["tp_size"]
@@ -289,21 +258,7 @@ class DeclaredFusedLinears:
             raise Unsupported(f"{where}: linear_names {names!r} / original_dims {dims!r}")
         if not all(type(d) is int and d % tp == 0 for d in dims):
             raise Unsupported(f"{where}: original_dims {dims!r} over tp_size={tp}")
-        return cls(fields["fused_linear_name"], tuple(names), fields["bias"], _FUSE_AXES[fuse_axis], tuple(dims), tp)
-
-    @property
-    def _param_names(self) -> list[str]:
-        return ["weight", "bias"] if self.bias else ["weight"]
-
-    def relevant_names(self, module: str) -> set[str]:
-        m, fused = module, self.fused_linear_name
-        names = {f"{m}.{fused}.{p}" for p in self._param_names}
-        names |= {f"{m}.{lin}.{p}" for lin in self.linear_names for p in self._param_names}
-        for lora in ("lora_A", "lora_B"):
-            names.add(f"{m}.{fused}.{lora}.weight")
-            names |= {f"{m}.{fused}.{lora}.weight_{lin}" for lin in self.linear_names}
-            names |= {f"{m}.{lin}.{lora}.weight" for lin in self.linear_names}
-        return names
+        return cls(fields["fused_linear_name"], tuple(names), fields["bias"], FUSE_AXES[fuse_axis], tuple(dims), tp)
 
     def outputs(self, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
         m, fused = module, self.fused_linear_name

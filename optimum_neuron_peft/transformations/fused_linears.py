@@ -25,24 +25,19 @@ from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
 from .peft_targets import FusedModuleSpec
 from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape, unshard_tensors
-
-_FUSE_AXES = {"column": 0, "row": 1, 0: 0, 1: 1}
+from .spec_fields import FUSE_AXES, FusedLinearsFields
 
 
 @register_spec
 @dataclasses.dataclass
-class FusedLinearsSpec(FusedModuleSpec, ModelWeightTransformationSpec):
-    fused_linear_name: str
-    linear_names: list[str]
-    bias: bool
-    fuse_axis: int
-    original_dims: list[int]
-    tp_size: int
+class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransformationSpec):
+    # The fields, `_param_names` and `get_relevant_parameter_names` are `spec_fields.FusedLinearsFields`, shared with
+    # the torch-free layout `checkpoint.declared.DeclaredFusedLinears`.
 
     def __post_init__(self):
-        if self.fuse_axis not in _FUSE_AXES:
+        if self.fuse_axis not in FUSE_AXES:
             raise SpecError(f"FusedLinearsSpec({self.fused_linear_name}): fuse_axis must be 0/'column' or 1/'row', got {self.fuse_axis!r}")
-        self.fuse_axis = _FUSE_AXES[self.fuse_axis]
+        self.fuse_axis = FUSE_AXES[self.fuse_axis]
         self.linear_names = list(self.linear_names)
         self.original_dims = [int(d) for d in self.original_dims]
         if len(self.linear_names) != len(self.original_dims) or not self.linear_names:
@@ -60,20 +55,6 @@ class FusedLinearsSpec(FusedModuleSpec, ModelWeightTransformationSpec):
                 )
 
     # -- names ------------------------------------------------------------------------------------------------
-
-    @property
-    def _param_names(self) -> list[str]:
-        return ["weight", "bias"] if self.bias else ["weight"]
-
-    def get_relevant_parameter_names(self, module_fully_qualified_name: str) -> set[str]:
-        m, fused = module_fully_qualified_name, self.fused_linear_name
-        names = {f"{m}.{fused}.{p}" for p in self._param_names}
-        names |= {f"{m}.{lin}.{p}" for lin in self.linear_names for p in self._param_names}
-        for lora in ("lora_A", "lora_B"):
-            names.add(f"{m}.{fused}.{lora}.weight")
-            names |= {f"{m}.{fused}.{lora}.weight_{lin}" for lin in self.linear_names}
-            names |= {f"{m}.{lin}.{lora}.weight" for lin in self.linear_names}
-        return names
 
     @property
     def fused_module_name(self) -> str:

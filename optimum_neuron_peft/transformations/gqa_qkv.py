@@ -30,8 +30,7 @@ from .gqa_layout import (
     query_head_indices_for_rank,
 )
 from .sharding import gather_blocks, take_blocks, tensor_shape
-
-QKV = ("q", "k", "v")
+from .spec_fields import QKV, GQAQKVFields
 
 
 def _head_blocks(heads: Sequence[int], head_dim: int) -> list[tuple[int, int]]:
@@ -149,21 +148,9 @@ def compute_query_indices_for_rank(
 
 @register_spec
 @dataclasses.dataclass
-class GQAQKVColumnParallelLinearSpec(FusedModuleSpec, ModelWeightTransformationSpec):
-    gqa_qkv_projection_name: str
-    query_projection_name: str
-    key_projection_name: str
-    value_projection_name: str
-    output_projection_name: str
-    num_attention_heads: int
-    num_key_value_heads: int
-    kv_size_multiplier: int
-    q_output_size_per_partition: int
-    kv_output_size_per_partition: int
-    fuse_qkv: bool
-    bias: bool
-    tp_size: int
-    kv_layout: str = "tiled"
+class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightTransformationSpec):
+    # The fields, `head_dim`, the name helpers and `get_relevant_parameter_names` are `spec_fields.GQAQKVFields`,
+    # shared with the torch-free layout `checkpoint.declared.DeclaredGQAQKV`.
 
     serialized_defaults: ClassVar[dict[str, Any]] = {"kv_layout": "tiled"}  # optimum-neuron has no such field
 
@@ -229,35 +216,6 @@ class GQAQKVColumnParallelLinearSpec(FusedModuleSpec, ModelWeightTransformationS
             tp_size=tp_size,
             kv_layout=kv_layout,
         )
-
-    @property
-    def head_dim(self) -> int:
-        return self.q_output_size_per_partition * self.tp_size // self.num_attention_heads
-
-    @property
-    def _projection_names(self) -> dict[str, str]:
-        return {"q": self.query_projection_name, "k": self.key_projection_name, "v": self.value_projection_name}
-
-    @property
-    def _param_names(self) -> list[str]:
-        return ["weight", "bias"] if self.bias else ["weight"]
-
-    def _local_rows(self) -> dict[str, int]:
-        return {"q": self.q_output_size_per_partition, "k": self.kv_output_size_per_partition, "v": self.kv_output_size_per_partition}
-
-    # -- names ------------------------------------------------------------------------------------------------
-
-    def get_relevant_parameter_names(self, module_fully_qualified_name: str) -> set[str]:
-        m, gqa = module_fully_qualified_name, self.gqa_qkv_projection_name
-        originals = [*self._projection_names.values(), self.output_projection_name]
-        names = {f"{m}.{proj}.{p}" for proj in originals for p in self._param_names}
-        suffixes = ["qkv"] if self.fuse_qkv else list(QKV)
-        names |= {f"{m}.{gqa}.{p}_{s}" for p in self._param_names for s in suffixes}
-        for lora in ("lora_A", "lora_B"):
-            names |= {f"{m}.{proj}.{lora}.weight" for proj in originals}
-            names |= {f"{m}.{gqa}.{lora}.weight", f"{m}.{gqa}.{lora}.weight_qkv"}
-            names |= {f"{m}.{gqa}.{lora}.weight_{s}" for s in QKV}
-        return names
 
     @property
     def fused_module_name(self) -> str:
