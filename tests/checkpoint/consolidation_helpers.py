@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import torch
 import transformers
 
+from optimum_neuron_peft.checkpoint.consolidation import SLEEP_ENV
 from optimum_neuron_peft.checkpoint.optimum_neuron_writer import write_optimum_neuron_checkpoint
 from optimum_neuron_peft.checkpoint.save import AdapterShards, save_sharded_checkpoint
 from optimum_neuron_peft.checkpoint.synthetic import (
@@ -143,3 +148,17 @@ def assert_adapter_loads_equal(directory: Path, expected: dict[str, torch.Tensor
     assert sorted(loaded) == sorted(expected)
     for name, tensor in expected.items():  # PEFT loads into the base model's dtype (exact for bf16 -> fp32)
         assert_bit_equal(loaded[name], tensor.to(loaded[name].dtype), name)
+
+
+def kill_mid_write_then_rerun(cmd: list[str], out: Path, cwd: Path | None = None) -> None:
+    """Run the consolidate ``cmd`` slowed down (`SLEEP_ENV`), SIGKILL it once its temporary output directory beside
+    ``out`` holds a safetensors file, check nothing is left at ``out``, then run it again to completion."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, SLEEP_ENV: "0.2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    parent, deadline = out.parent, time.monotonic() + 60
+    while time.monotonic() < deadline and not any(p.name.startswith(f".{out.name}.tmp-") and any(p.rglob("*.safetensors")) for p in parent.iterdir()):
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists()
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)

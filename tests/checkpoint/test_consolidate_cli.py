@@ -7,10 +7,7 @@ import json
 import os
 import pickle
 import shutil
-import signal
-import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -18,9 +15,8 @@ import pytest
 import torch
 
 from optimum_neuron_peft.cli import main
-from optimum_neuron_peft.checkpoint.consolidate import SLEEP_ENV
 
-from consolidation_helpers import adapter_state, model_state, write_optimum_neuron, write_ours
+from consolidation_helpers import adapter_state, kill_mid_write_then_rerun, model_state, write_optimum_neuron, write_ours
 
 
 @pytest.fixture(scope="module")
@@ -76,15 +72,7 @@ def test_verify_reports_the_first_mismatch_by_name(checkpoints, tmp_path, capsys
 def test_sigkill_leaves_nothing_and_a_rerun_succeeds(checkpoints, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "optimum_neuron_peft", "consolidate", str(checkpoints / "ours"), str(out), "--no-progress"]
-    proc = subprocess.Popen(cmd, env={**os.environ, SLEEP_ENV: "0.2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(p.name.startswith(".out.tmp-") and any(p.rglob("*.safetensors")) for p in tmp_path.iterdir()):
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists()
-    subprocess.run(cmd, check=True, capture_output=True)
+    kill_mid_write_then_rerun(cmd, out)
     assert (out / "model.safetensors").is_file() and (out / "default" / "adapter_model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # the killed run's temporary was cleaned up
 
