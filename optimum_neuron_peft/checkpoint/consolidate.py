@@ -37,7 +37,7 @@ from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
 from ..utils.atomic import atomic_output_dir
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
-from .consolidation import SLEEP_ENV, ConsolidationResult, check_arguments, copy_root_files
+from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
 from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
@@ -391,11 +391,11 @@ def consolidate(
     if engine not in ENGINES:
         raise CheckpointError(f"engine must be one of {ENGINES}, got {engine!r}")
     if engine != "torch":
-        result = try_consolidate(
-            checkpoint_dir, output_dir, format=format, max_shard_size=max_shard_size, adapter=adapter, dtype=dtype,
-            overwrite=overwrite, verify=verify, check_checksums=check_checksums, progress=progress,
-            required=engine == "torch-free",
-        )
+        options = ConsolidateOptions(
+            format=format, max_shard_size=max_shard_size, adapter=adapter, dtype=dtype, overwrite=overwrite, verify=verify,
+            check_checksums=check_checksums, progress=progress,
+        )  # fmt: skip
+        result = try_consolidate(checkpoint_dir, output_dir, options, required=engine == "torch-free")
         if result is not None:
             return result
     cast = parse_dtype(dtype)

@@ -20,6 +20,20 @@ SLEEP_ENV = "OPTIMUM_NEURON_PEFT_TEST_SLEEP_PER_GROUP"
 FORMATS = ("safetensors", "pytorch")
 
 
+@dataclass(frozen=True)
+class ConsolidateOptions:
+    """The options of `consolidate.consolidate` that both engines read (the CLI builds them without torch)."""
+
+    format: str = "safetensors"
+    max_shard_size: int | str = "5GB"
+    adapter: str | None = None
+    dtype: Any = None  # a torch dtype or its name; only the torch engine casts
+    overwrite: bool = False
+    verify: bool = False
+    check_checksums: bool = False
+    progress: bool = False
+
+
 @dataclass
 class ConsolidationResult:
     output_dir: Path

@@ -31,7 +31,7 @@ from typing import Any, Callable
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
-from .consolidation import SLEEP_ENV, ConsolidationResult, check_arguments, copy_root_files
+from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .declared import Unsupported
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
 from .provenance import RowCopy
@@ -55,29 +55,18 @@ def unsupported_options(*, format: str, adapter: str | None, dtype: Any, verify:
 
 
 def try_consolidate(
-    checkpoint_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    format: str = "safetensors",
-    max_shard_size: int | str = "5GB",
-    adapter: str | None = None,
-    dtype: Any = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    check_checksums: bool = False,
-    progress: bool = False,
-    required: bool = False,
+    checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, options: ConsolidateOptions, *, required: bool = False
 ) -> ConsolidationResult | None:
     """`consolidate.consolidate` without torch when it applies (see the module docstring), else None (nothing
     written). With ``required``, a `CheckpointError` saying why instead of None."""
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    check_arguments(checkpoint_dir, output_dir, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
+    checkpoint_dir, output_dir, o = Path(checkpoint_dir), Path(output_dir), options
+    check_arguments(checkpoint_dir, output_dir, format=o.format, max_shard_size=o.max_shard_size, overwrite=o.overwrite)
     start = time.perf_counter()
-    reason = unsupported_options(format=format, adapter=adapter, dtype=dtype, verify=verify)
+    reason = unsupported_options(format=o.format, adapter=o.adapter, dtype=o.dtype, verify=o.verify)
     plan = None
     if reason is None:
         try:
-            plan = plan_model(checkpoint_dir, check_checksums=check_checksums)
+            plan = plan_model(checkpoint_dir, check_checksums=o.check_checksums)
         except (Unsupported, CheckpointError) as err:
             reason = str(err)
         except Exception as err:  # noqa: BLE001 - planning only reads: whatever it cannot read, the torch engine judges
@@ -86,8 +75,8 @@ def try_consolidate(
         if required:
             raise CheckpointError(f"{checkpoint_dir}: the torch-free engine cannot consolidate this checkpoint: {reason}")
         return None
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
-        count, total = write_model(plan, tmp, max_shard_size=max_shard_size, progress=progress)
+    with atomic_output_dir(output_dir, overwrite=o.overwrite) as tmp:
+        count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
         copy_root_files([plan.checkpoint.config_file, *plan.checkpoint.extra_files], tmp)
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")
 

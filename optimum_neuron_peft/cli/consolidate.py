@@ -7,6 +7,7 @@ command then never imports torch. Everything else goes through the torch engine 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -38,7 +39,9 @@ def default_output_dir(checkpoint_dir: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    options = dict(
+    from ..checkpoint.consolidation import ConsolidateOptions  # imports no torch
+
+    options = ConsolidateOptions(
         format=args.format, max_shard_size=args.max_shard_size, adapter=args.adapter, dtype=args.dtype,
         overwrite=args.overwrite, verify=args.verify, check_checksums=args.check_checksums,
         progress=not args.no_progress and sys.stderr.isatty(),
@@ -48,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
     if args.engine != "torch":
         from ..checkpoint.torch_free import try_consolidate  # imports no torch
 
-        result = try_consolidate(args.checkpoint_dir, output_dir, required=args.engine == "torch-free", **options)
+        result = try_consolidate(args.checkpoint_dir, output_dir, options, required=args.engine == "torch-free")
     if result is None:
         from ..checkpoint.consolidate import consolidate
 
-        result = consolidate(args.checkpoint_dir, output_dir, engine="torch", **options)
+        result = consolidate(args.checkpoint_dir, output_dir, engine="torch", **dataclasses.asdict(options))
     print(result.summary() + (" (verified)" if args.verify else ""))
     return 0

@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,14 +15,14 @@ import torch
 import transformers
 
 from optimum_neuron_peft.checkpoint.consolidate import consolidate, plan_consolidation
-from optimum_neuron_peft.checkpoint.consolidation import SLEEP_ENV
+from optimum_neuron_peft.checkpoint.consolidation import ConsolidateOptions
 from optimum_neuron_peft.checkpoint.torch_free import try_consolidate
 from optimum_neuron_peft.checkpoint.torch_free_plan import plan_model
 from optimum_neuron_peft.checkpoint.torch_zip import open_torch_dict, scan_torch_dict
 from optimum_neuron_peft.cli import main
 from optimum_neuron_peft.errors import CheckpointError, UnsafePickleError
 
-from consolidation_helpers import adapter_state, assert_model_loads_equal, llama_config, write_optimum_neuron, write_ours
+from consolidation_helpers import adapter_state, assert_model_loads_equal, kill_mid_write_then_rerun, llama_config, write_optimum_neuron, write_ours
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -147,7 +144,7 @@ def test_what_the_torch_free_engine_leaves_to_torch(tmp_path, capsys, options):
         write_optimum_neuron(tmp_path / "ckpt", 2, model=model, serialization=options.pop("serialization"))
     else:
         write_ours(tmp_path / "ckpt", 2, model=model, adapters=adapters)
-    assert try_consolidate(tmp_path / "ckpt", tmp_path / "none", **options) is None
+    assert try_consolidate(tmp_path / "ckpt", tmp_path / "none", ConsolidateOptions(**options)) is None
     assert not (tmp_path / "none").exists()
     result = consolidate(tmp_path / "ckpt", tmp_path / "out", **options)
     assert result.engine == "torch"
@@ -220,15 +217,7 @@ def test_sigkill_during_a_torch_free_run_leaves_nothing(tmp_path):
     ckpt, _ = _write(tmp_path / "ckpt", "optimum-neuron tp2")
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "optimum_neuron_peft", "consolidate", str(ckpt), str(out), "--no-progress", "--engine", "torch-free"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, SLEEP_ENV: "0.2"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not any(p.name.startswith(".out.tmp-") and any(p.rglob("*.safetensors")) for p in tmp_path.iterdir()):
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not out.exists()
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    kill_mid_write_then_rerun(cmd, out, cwd=REPO)
     assert (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
     shutil.rmtree(out)
