@@ -27,3 +27,11 @@ class ConfigError(OptimumNeuronPeftError):
 
 class MergeError(OptimumNeuronPeftError):
     """Adapters or weights cannot be combined or merged as asked."""
+
+
+class OutputDirError(OptimumNeuronPeftError):
+    """An output directory cannot be written as asked: not empty without overwrite, overlapping an input..."""
+
+
+class OutputBusyError(OutputDirError):
+    """Another run holds the lock of this output directory."""

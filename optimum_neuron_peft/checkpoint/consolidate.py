@@ -36,6 +36,7 @@ from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
 from ..utils.atomic import atomic_output_dir
+from ..utils.safe_paths import check_inside
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
@@ -404,10 +405,10 @@ def consolidate(
     total = sum(p.nbytes for t in targets for p in t.plans)
     count = 0
     directories = {}
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[checkpoint_dir]) as tmp:
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="consolidate", disable=not progress) as bar:
             for target in targets:
-                directory = tmp / target.subdir if target.subdir else tmp
+                directory = check_inside(tmp, tmp / target.subdir if target.subdir else tmp)
                 directory.mkdir(parents=True, exist_ok=True)
                 writer = WeightsWriter(directory, target.plans, kind=target.kind, format=format, max_shard_size=max_shard_size)
                 try:

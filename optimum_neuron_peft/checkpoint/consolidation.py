@@ -51,16 +51,9 @@ class ConsolidationResult:
         )
 
 
-def check_not_inside(checkpoint_dir: Path, output_dir: Path) -> None:
-    src, out = checkpoint_dir.resolve(), output_dir.resolve()
-    if out == src or src in out.parents or out in src.parents:
-        raise CheckpointError(f"{output_dir}: the output directory must not contain or be inside the input {checkpoint_dir}")
-
-
 def check_arguments(checkpoint_dir: Path, output_dir: Path, *, format: Any, max_shard_size: Any, overwrite: bool) -> None:
     """The checks both engines make before reading anything (dtype names are checked by the torch engine)."""
-    check_not_inside(checkpoint_dir, output_dir)
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, inputs=[checkpoint_dir])
     if format not in FORMATS:
         raise CheckpointError(f"output format must be 'safetensors' or 'pytorch', got {format!r}")
     parse_max_shard_size(max_shard_size)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import CheckpointError
+from ..utils.safe_paths import check_safe_name
 from .torch_zip import TensorReference, load_plain_pickle, open_torch_dict, open_torch_tensor
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def discover_checkpoint(path: str | os.PathLike) -> OptimumNeuronCheckpoint:
     for entry in entries:
         directory = root / entry
         if entry.startswith(ADAPTER_PREFIX) and directory.is_dir() and (directory / ADAPTER_SHARDS_DIR).exists():
-            name = entry[len(ADAPTER_PREFIX) :]
+            name = check_safe_name(entry[len(ADAPTER_PREFIX) :], what="adapter name", where=directory)
             adapters[name] = _discover_part(directory / ADAPTER_SHARDS_DIR, name)
     if model is None and not adapters:
         shown = ", ".join(entries[:8]) + (", ..." if len(entries) > 8 else "")

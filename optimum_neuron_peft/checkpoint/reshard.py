@@ -30,8 +30,8 @@ from ..transformations import (
 from ..transformations.model import adapt_state_dict, normalize_parameters_metadata
 from ..transformations.names import add_adapter_name, remove_adapter_name, split_lora_name
 from ..utils.atomic import atomic_output_dir, check_output_dir
+from ..utils.safe_paths import check_inside
 from .consolidate import original_weights
-from .consolidation import check_not_inside
 from .lazy import LazyTensor, open_safetensors
 from .optimum_neuron import ADAPTER_CONFIG, _ROOT_FILES
 from .sharded import (
@@ -256,8 +256,7 @@ def reshard(
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not isinstance(tp_size, int) or tp_size < 1:
         raise CheckpointError(f"--tp-size must be a positive integer, got {tp_size!r}")
-    check_not_inside(checkpoint_dir, output_dir)
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, inputs=[checkpoint_dir])
     start = time.perf_counter()
     parts: list[tuple[str | None, list[OutputStage], Path | None]] = []
     if _is_transformers_dir(checkpoint_dir):
@@ -304,7 +303,7 @@ def reshard(
     total = 0
     count = 0
     dtypes: set = set()
-    with atomic_output_dir(output_dir, overwrite=overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite=overwrite, inputs=[checkpoint_dir]) as tmp:
         records = copy_root_files(tmp, None, root_files)
         with tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc="reshard", disable=not progress) as bar:
             def on_bytes(n: int) -> None:
@@ -314,7 +313,7 @@ def reshard(
 
             for adapter_name, stages, adapter_config in parts:
                 if adapter_name is not None:
-                    target = part_directory(tmp, adapter_name).parent / ADAPTER_CONFIG
+                    target = check_inside(tmp, part_directory(tmp, adapter_name).parent / ADAPTER_CONFIG)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(adapter_config, target)
                     records[target.relative_to(tmp).as_posix()] = file_record(target)

@@ -75,7 +75,7 @@ def try_consolidate(
         if required:
             raise CheckpointError(f"{checkpoint_dir}: the torch-free engine cannot consolidate this checkpoint: {reason}")
         return None
-    with atomic_output_dir(output_dir, overwrite=o.overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite=o.overwrite, inputs=[checkpoint_dir]) as tmp:
         count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
         copy_root_files([plan.checkpoint.config_file, *plan.checkpoint.extra_files], tmp)
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 
 from ..errors import OptimumNeuronPeftError
@@ -52,19 +53,64 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_ENV = "OPTIMUM_NEURON_PEFT_DEBUG"  # set to 1 (or pass --debug) to see the traceback of an error
+EXIT_OK, EXIT_FAULT, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+_MAX_MESSAGE = 1000
+
+
+def _one_line(text: str) -> str:
+    """An error message as one line (library messages, e.g. torch's, can span several), bounded in length."""
+    line = " ".join(str(text).split())
+    return line if len(line) <= _MAX_MESSAGE else line[: _MAX_MESSAGE - 3] + "..."
+
+
+def _os_error_message(err: OSError) -> str:
+    import errno
+
+    cause = err.strerror or str(err)
+    code = errno.errorcode.get(err.errno or 0)
+    if code:
+        cause = f"{cause} ({code})"
+    files = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    return f"{' -> '.join(files)}: {cause}" if files else cause
+
+
+def error_exit(err: BaseException) -> tuple[str, int]:
+    """The one stderr line and the exit status of an error that ended a command."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted", EXIT_INTERRUPTED
+    if isinstance(err, OptimumNeuronPeftError):
+        return _one_line(err), EXIT_USER_ERROR
+    if isinstance(err, OSError):
+        return _one_line(_os_error_message(err)), EXIT_FAULT
+    if isinstance(err, MemoryError):
+        return "out of memory", EXIT_FAULT
+    if isinstance(err, RecursionError):
+        return "input nested too deeply to read", EXIT_USER_ERROR
+    hint = f" (unexpected; run with --debug or {DEBUG_ENV}=1 for the traceback)"
+    return _one_line(f"{type(err).__name__}: {err}") + hint, EXIT_FAULT
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Every error ends as one ``error: ...`` line on stderr and a non-zero exit status (see
+    `error_exit`); ``--debug`` anywhere on the command line, or ``OPTIMUM_NEURON_PEFT_DEBUG=1``, shows the
+    traceback instead."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = next((a for a in argv if not a.startswith("-")), None)  # the first positional is the command
-    parser = build_parser(command if command in COMMANDS else "")  # no command: --help or an error, nothing imported
-    args = parser.parse_args(argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     try:
+        command = next((a for a in argv if not a.startswith("-")), None)  # the first positional is the command
+        parser = build_parser(command if command in COMMANDS else "")  # no command: --help or an error, nothing imported
+        args = parser.parse_args(argv)
         return int(args._run(args) or 0)
-    except OptimumNeuronPeftError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as err:  # noqa: BLE001 - the CLI's contract: one line, no traceback (unless --debug)
+        if debug:
+            raise
+        message, status = error_exit(err)
+        print(f"error: {message}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -46,15 +46,18 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, verify=args.verify, check_checksums=args.check_checksums,
         progress=not args.no_progress and sys.stderr.isatty(),
     )  # fmt: skip
+    from ..utils.atomic import claimed_output  # imports no torch
+
     output_dir = args.output_dir or default_output_dir(args.checkpoint_dir)
     result = None
-    if args.engine != "torch":
-        from ..checkpoint.torch_free import try_consolidate  # imports no torch
+    with claimed_output(output_dir, args.overwrite, inputs=[args.checkpoint_dir]):
+        if args.engine != "torch":
+            from ..checkpoint.torch_free import try_consolidate  # imports no torch
 
-        result = try_consolidate(args.checkpoint_dir, output_dir, options, required=args.engine == "torch-free")
-    if result is None:
-        from ..checkpoint.consolidate import consolidate
+            result = try_consolidate(args.checkpoint_dir, output_dir, options, required=args.engine == "torch-free")
+        if result is None:
+            from ..checkpoint.consolidate import consolidate
 
-        result = consolidate(args.checkpoint_dir, output_dir, engine="torch", **dataclasses.asdict(options))
+            result = consolidate(args.checkpoint_dir, output_dir, engine="torch", **dataclasses.asdict(options))
     print(result.summary() + (" (verified)" if args.verify else ""))
     return 0

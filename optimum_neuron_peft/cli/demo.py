@@ -13,6 +13,7 @@ LOGITS_TOLERANCE = 1e-4
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="demo_output", help="where everything is written (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     parser.add_argument("--steps", type=int, default=300, help="training steps per adapter (default: %(default)s)")
     parser.add_argument("--tp-size", type=int, default=2, help="tensor-parallel processes (default: %(default)s)")
 
@@ -35,7 +36,11 @@ def run(args: argparse.Namespace) -> int:
         raise OptimumNeuronPeftError(f"--steps must be >= 1, got {args.steps}")
     if args.tp_size not in (1, 2, 4):
         raise OptimumNeuronPeftError(f"--tp-size must be 1, 2 or 4 for the tiny model, got {args.tp_size}")
-    report = run_demo(args.output_dir, steps=args.steps, tp_size=args.tp_size, log=lambda m: print(m, flush=True))
+    from ..utils.atomic import claimed_output
+
+    with claimed_output(args.output_dir, args.overwrite):
+        report = run_demo(args.output_dir, steps=args.steps, tp_size=args.tp_size, overwrite=args.overwrite,
+                          log=lambda m: print(m, flush=True))  # fmt: skip
     print()
     print(report.table())
     if report.max_logits_diff > LOGITS_TOLERANCE or report.merged_logits_diff > LOGITS_TOLERANCE:

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..merging import COMBINATION_TYPES, combine_adapters, merge_adapter_into_base
+from ..utils.atomic import claimed_output
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,14 @@ def _progress_bar(args, unit: str):
 
 
 def run(args: argparse.Namespace) -> int:
+    inputs = args.adapter_dirs if args.merge_mode == "combine" else [args.base_dir, args.adapter_dir]
+    with claimed_output(args.output_dir, args.overwrite, inputs=inputs):
+        _run(args)
+    print(f"wrote {args.output_dir}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.merge_mode == "combine":
         generator = torch.Generator().manual_seed(args.seed) if args.seed is not None else None
         combine_adapters(
@@ -68,5 +77,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         merge_adapter_into_base(args.base_dir, args.adapter_dir, args.output_dir, overwrite=args.overwrite,
                                 device=args.device, progress=_progress_bar(args, "weight"))
-    print(f"wrote {args.output_dir}")
-    return 0

@@ -17,10 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint.reshard import reshard
+    from ..utils.atomic import claimed_output
 
-    result = reshard(
-        args.checkpoint_dir, args.output_dir, tp_size=args.tp_size, overwrite=args.overwrite,
-        progress=not args.no_progress and sys.stderr.isatty(),
-    )
+    with claimed_output(args.output_dir, args.overwrite, inputs=[args.checkpoint_dir]):
+        result = reshard(
+            args.checkpoint_dir, args.output_dir, tp_size=args.tp_size, overwrite=args.overwrite,
+            progress=not args.no_progress and sys.stderr.isatty(),
+        )
     print(result.summary())
     return 0

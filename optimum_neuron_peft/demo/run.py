@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OptimumNeuronPeftError
+from ..utils.atomic import check_output_dir
 from .plot import plot_loss_curves
 from .task import TASKS
 from .tiny_model import TinyModelSpec, build_tiny_llama
@@ -64,18 +64,16 @@ def _task_loss(base_dir: Path, adapter_dir: Path, task: str, vocab: int) -> floa
         return float(model(input_ids=batch, labels=batch).loss)
 
 
-def run_demo(output_dir: str | Path, *, steps: int = 300, tp_size: int = 2, overwrite: bool = True,
+def run_demo(output_dir: str | Path, *, steps: int = 300, tp_size: int = 2, overwrite: bool = False,
              log=print) -> DemoReport:  # fmt: skip
     from ..checkpoint.consolidate import consolidate
     from ..merging import combine_adapters, merge_adapter_into_base
     from ..parallel import spawn
 
-    output_dir = Path(output_dir)
-    if output_dir.exists():
-        if not overwrite:
-            raise OptimumNeuronPeftError(f"{output_dir}: exists; pass --overwrite to replace it")
+    output_dir = check_output_dir(output_dir, overwrite)  # a non-empty directory is replaced only with overwrite
+    if output_dir.exists() and any(output_dir.iterdir()):
         shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(TASKS)
     settings = TrainSettings(steps=steps)
     spec = TinyModelSpec()

@@ -147,7 +147,7 @@ def merge_adapter_into_base(
 ) -> Path:
     """Write ``base + adapter`` as a Transformers directory (same shards and index as the base), atomically."""
     base_dir, adapter_dir = Path(base_dir), Path(adapter_dir)
-    check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite, inputs=[base_dir, adapter_dir])
     dev = resolve_device(device)
     adapter = load_adapter(adapter_dir)
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out"))
@@ -161,7 +161,7 @@ def merge_adapter_into_base(
             progress(done[0], len(plan), name)
 
     skip_suffixes = (".safetensors", ".bin", ".pt", ".pth", ".index.json")
-    with atomic_output_dir(output_dir, overwrite) as tmp:
+    with atomic_output_dir(output_dir, overwrite, inputs=[base_dir, adapter_dir]) as tmp:
         for entry in sorted(base_dir.iterdir()):
             if entry.is_file() and not entry.name.endswith(skip_suffixes) and not entry.name.startswith("."):
                 shutil.copy2(entry, tmp / entry.name)

@@ -196,7 +196,7 @@ def combine_adapters(
     weights = [float(w) for w in weights]
     _validate_arguments(adapter_dirs, weights, combination_type, density, majority_sign_method, svd_rank, svd_clamp)
     if output_dir is not None:
-        check_output_dir(output_dir, overwrite)
+        check_output_dir(output_dir, overwrite, inputs=adapter_dirs)
     dev = resolve_device(device)
     adapters = [load_adapter(d) for d in adapter_dirs]
     if len(adapters) == 1:
@@ -214,6 +214,6 @@ def combine_adapters(
             progress(i + 1, len(names), name)
     config = _new_config(adapters, new_rank)
     if output_dir is not None:
-        with atomic_output_dir(output_dir, overwrite) as tmp:
+        with atomic_output_dir(output_dir, overwrite, inputs=adapter_dirs) as tmp:
             save_adapter(tmp, config, combined)
     return config, combined
