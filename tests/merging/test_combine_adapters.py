@@ -160,6 +160,8 @@ def test_incompatible_adapters_write_nothing(setup, tmp_path):
     (other / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(MergeError, match="different base models"):
         combine_adapters([dirs[0], other], [1, 1], "cat", output_dir=out)
+    not_an_adapter = tmp_path / "not_an_adapter"  # the output may not be inside an input: a directory of its own
+    not_an_adapter.mkdir()
     with pytest.raises(MergeError, match="adapter_config.json"):
-        combine_adapters([dirs[0], tmp_path], [1, 1], "cat", output_dir=out)
+        combine_adapters([dirs[0], not_an_adapter], [1, 1], "cat", output_dir=out)
     assert not out.exists()

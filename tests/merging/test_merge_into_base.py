@@ -68,8 +68,10 @@ def test_missing_target_and_bin_only_base(models, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(MergeError, match=r"layers\.7.*base has no tensor"):
         merge_adapter_into_base(root / "base32", bad, out)
+    not_a_model = tmp_path / "not_a_model"  # the output may not be inside an input: a directory of its own
+    not_a_model.mkdir()
     with pytest.raises(MergeError, match="config.json"):
-        merge_adapter_into_base(tmp_path, adapter, out)
+        merge_adapter_into_base(not_a_model, adapter, out)
     assert not out.exists()
 
 
