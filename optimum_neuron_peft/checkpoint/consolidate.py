@@ -37,6 +37,8 @@ from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
 from ..utils.atomic import atomic_output_dir
 from ..utils.safe_paths import check_inside
+from ..utils.schema import read_json
+from .schemas import ADAPTER_CONFIG_SCHEMA
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
@@ -231,12 +233,7 @@ def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any
     optimum-neuron's shared ``lora_A`` (a fused module's adapter serves all its projections); otherwise a mismatch
     is an error."""
     path = part.adapter_config
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, TypeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: expected the adapter's config JSON, could not read it ({err})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    config = read_json(path, ADAPTER_CONFIG_SCHEMA, error=CheckpointError)
     targets = config.get("target_modules")
     if isinstance(targets, list):
         targets = sorted(_restore_fused_targets(targets, _fused_names(part)))

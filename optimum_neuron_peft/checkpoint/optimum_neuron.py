@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import CheckpointError
 from ..utils.safe_paths import check_safe_name
+from ..utils.schema import read_json, validate
+from .schemas import METADATA_SCHEMA
 from .torch_zip import TensorReference, load_plain_pickle, open_torch_dict, open_torch_tensor
 
 if TYPE_CHECKING:
@@ -260,11 +262,7 @@ def load_metadata(path: str | os.PathLike) -> dict:
     only plain dict/list/str/int/float/bool/None). Returned as on disk: see :func:`normalize_parameters_metadata`."""
     path = Path(path)
     if path.suffix == ".json":
-        try:
-            with open(path, encoding="utf-8") as handle:
-                metadata = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}: expected JSON metadata, could not parse it ({err})") from None
+        metadata = read_json(path, error=CheckpointError)
     else:
         metadata = load_plain_pickle(path)
     if not isinstance(metadata, dict):
@@ -274,7 +272,7 @@ def load_metadata(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{path}: expected 'parameters' to map names to attribute dicts")
     if not isinstance(metadata.get("model_weight_transformation_specs", []), list):
         raise CheckpointError(f"{path}: expected 'model_weight_transformation_specs' to be a list")
-    return metadata
+    return validate(metadata, METADATA_SCHEMA, file=path, error=CheckpointError)
 
 
 _FUSED_QKV_SUFFIXES = (".weight_qkv", ".bias_qkv")

@@ -31,6 +31,8 @@ from ..transformations.model import adapt_state_dict, normalize_parameters_metad
 from ..transformations.names import add_adapter_name, remove_adapter_name, split_lora_name
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from ..utils.safe_paths import check_inside
+from ..utils.schema import read_json
+from .schemas import MODEL_CONFIG_SCHEMA, read_index_files
 from .consolidate import original_weights
 from .lazy import LazyTensor, open_safetensors
 from .optimum_neuron import ADAPTER_CONFIG, _ROOT_FILES
@@ -192,12 +194,12 @@ def part_metadata(stage, part: Part) -> dict[str, Any]:
 
 
 def _transformers_stages(directory: Path, tp_size: int) -> tuple[list[OutputStage], dict[str, Any]]:
-    config = json.loads((directory / "config.json").read_text())
+    config = read_json(directory / "config.json", MODEL_CONFIG_SCHEMA, error=CheckpointError)
     if config.get("model_type") != "llama":
         raise CheckpointError(f"{directory / 'config.json'}: only Llama models can be sharded from a Transformers directory, found model_type {config.get('model_type')!r}")
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = read_index_files(index)
     elif (directory / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:

@@ -33,6 +33,9 @@ from .optimum_neuron import (
     load_metadata,
     metadata_file_name,
 )
+from ..utils.safe_paths import check_safe_name, check_safe_relative_path
+from ..utils.schema import read_json, validate
+from .schemas import MANIFEST_SCHEMA
 from .stream_writer import FileRecord, SafetensorsStreamWriter, TensorPlan, sha256_file
 
 if TYPE_CHECKING:  # torch-free at import: the torch-free consolidation path opens checkpoints through this module
@@ -204,21 +207,18 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
 
 def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: expected the checkpoint manifest (JSON), could not read it ({err})") from None
+    manifest = read_json(path, error=CheckpointError)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{path}: expected format {FORMAT_NAME!r}, found {manifest.get('format') if isinstance(manifest, dict) else manifest!r}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: format_version {manifest.get('format_version')!r} is not supported (this version reads {FORMAT_VERSION})"
         )
-    for key in ("tp_size", "pp_size", "files"):
-        if key not in manifest:
-            raise CheckpointError(f"{path}: the manifest has no {key!r}")
-    if not isinstance(manifest["files"], dict):
-        raise CheckpointError(f"{path}: 'files' must map relative paths to {{size, sha256}}")
+    validate(manifest, MANIFEST_SCHEMA, file=path, error=CheckpointError)
+    for rel in manifest["files"]:
+        check_safe_relative_path(rel, what="file", where=path)
+    for name in manifest.get("adapters", []):
+        check_safe_name(name, what="adapter name", where=path)
     return manifest
 
 
@@ -232,7 +232,7 @@ def check_files(root: Path, manifest: Mapping[str, Any], check_checksums: bool) 
             raise CheckpointError(
                 f"{path}: expected {entry.get('size')} bytes (manifest), found {size} (truncated or modified file)"
             )
-        if check_checksums and entry.get("sha256") and sha256_file(path) != entry["sha256"]:
+        if check_checksums and sha256_file(path) != entry["sha256"]:  # the schema requires every sha256
             raise CheckpointError(f"{path}: sha256 differs from the manifest (corrupted or modified file)")
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CheckpointError
+from ..utils.schema import parse_json
 from .dtypes import DTYPES, SAFETENSORS_CODES, dtype_name
 
 # Real headers are a few MB at most; a larger length field means a corrupted or foreign file.
@@ -153,8 +154,12 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, StoredTensor]:
                 raise CheckpointError(
                     f"{path}: safetensors header length {header_len} exceeds the file size {file_size} (corrupted)"
                 )
-            header = json.loads(handle.read(header_len))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raw = handle.read(header_len)
+    except OSError as err:
+        raise CheckpointError(f"{path}: expected a safetensors file, could not read its header ({err})") from None
+    try:
+        header = parse_json(raw, file="JSON header", error=CheckpointError)
+    except CheckpointError as err:
         raise CheckpointError(f"{path}: expected a safetensors file, could not read its header ({err})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: expected a JSON object as safetensors header, found {type(header).__name__}")
@@ -184,4 +189,20 @@ def read_safetensors_header(path: str | os.PathLike) -> dict[str, StoredTensor]:
                 f"header gives {end - begin}"
             )
         tensors[name] = stored
+    check_with_safetensors(path)
     return tensors
+
+
+def check_with_safetensors(path: Path) -> None:
+    """Refuse what the safetensors library refuses (overlapping, duplicate, fractional offsets, gaps, trailing
+    bytes...): a file this project accepts must load with the library itself. Reads the header only (mmap);
+    the numpy framework keeps this torch-free."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            handle.keys()
+    except OSError as err:
+        raise CheckpointError(f"{path}: could not read it ({err})") from None
+    except Exception as err:  # noqa: BLE001 - SafetensorError and friends: the library's verdict, as ours
+        raise CheckpointError(f"{path}: the safetensors library refuses this file ({' '.join(str(err).split())})") from None

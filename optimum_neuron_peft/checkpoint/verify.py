@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict
 from .lazy import LazyTensor, open_safetensors
+from .schemas import read_index_files
 from .source import checked
 from .torch_zip import open_torch_state_dict
 
@@ -44,10 +45,7 @@ def open_output(directory: Path, kind: str) -> dict[str, LazyTensor]:
         if not path.is_file():
             continue
         if name.endswith(".index.json"):
-            try:
-                files = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-            except (OSError, KeyError, json.JSONDecodeError) as err:
-                raise CheckpointError(f"{path}: expected an index with a weight_map ({err})") from None
+            files = read_index_files(path)
         else:
             files = [name]
         tensors: dict[str, LazyTensor] = {}

@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..checkpoint.schemas import ADAPTER_CONFIG_SCHEMA
 from ..errors import MergeError
+from ..utils.schema import read_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -71,7 +73,8 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise MergeError(f"{legacy}: cannot be read safely with weights_only=True ({e})") from e
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch explains over several lines
+            raise MergeError(f"{legacy}: cannot be read safely with weights_only=True ({first_line})") from None
     raise MergeError(f"{path}: expected {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}), found neither")
 
 
@@ -81,10 +84,7 @@ def load_adapter(path: str | Path) -> Adapter:
     config_path = path / CONFIG_NAME
     if not config_path.is_file():
         raise MergeError(f"{config_path}: adapter config not found (expected a PEFT adapter directory)")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as e:
-        raise MergeError(f"{config_path}: not valid JSON ({e})") from e
+    config = read_json(config_path, ADAPTER_CONFIG_SCHEMA, error=MergeError)
     if str(config.get("peft_type", "")).upper() != "LORA":
         raise MergeError(f"{config_path}: expected peft_type LORA, found {config.get('peft_type')!r}")
     for flag in _UNSUPPORTED_FLAGS:

@@ -19,6 +19,8 @@ from typing import Callable
 import torch
 
 from ..errors import MergeError
+from ..checkpoint.schemas import read_index_files
+from ..checkpoint.stored import read_safetensors_header
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from .adapter_io import LoraModule, load_adapter
 from .device import resolve_device
@@ -49,6 +51,9 @@ def _read_header(path: Path) -> _Shard:
         header = json.loads(raw)
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MergeError(f"{path}: not a readable safetensors file ({e})") from e
+    if not isinstance(header, dict):
+        raise MergeError(f"{path}: expected a JSON object as safetensors header, found {type(header).__name__}")
+    read_safetensors_header(path)  # validated as strictly as the safetensors library (truncated data included)
     header.pop("__metadata__", None)
     return _Shard(path=path, header_bytes=struct.pack("<Q", length) + raw, entries=header)
 
@@ -59,11 +64,7 @@ def _base_shards(base_dir: Path) -> tuple[list[_Shard], bool]:
         raise MergeError(f"{base_dir / 'config.json'}: not found (expected a Transformers model directory)")
     index = base_dir / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MergeError(f"{index}: expected JSON with a 'weight_map' ({e})") from e
-        files = sorted(set(weight_map.values()))
+        files = read_index_files(index, error=MergeError)
         missing = [f for f in files if not (base_dir / f).is_file()]
         if missing:
             raise MergeError(f"{index}: lists shard(s) {missing} that are not in {base_dir}")

@@ -13,14 +13,14 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from ..errors import OptimumNeuronPeftError
+from ..errors import CheckpointError
 
 # Letters, digits, '_', '-', '.', not starting with '.' (so neither '.', '..' nor a hidden name), at most 255 bytes.
 SAFE_NAME = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,254}")
 SAFE_NAME_RULE = "letters, digits, '_', '-' and '.', not starting with '.', at most 255 characters"
 
 
-class UnsafeNameError(OptimumNeuronPeftError):
+class UnsafeNameError(CheckpointError):
     """A name read from an input would escape the directory it is joined to."""
 
 
