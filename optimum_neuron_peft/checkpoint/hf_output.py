@@ -34,7 +34,7 @@ _NAMES = {
 def parse_max_shard_size(value: int | str) -> int:
     try:
         size = value if isinstance(value, int) else parse_size_to_int(str(value))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: '1e400GB' parses to inf
         raise CheckpointError(f"max shard size {value!r} is not a size such as '5GB', '500MB' or an int") from None
     if size <= 0:
         raise CheckpointError(f"max shard size must be positive, got {value!r}")

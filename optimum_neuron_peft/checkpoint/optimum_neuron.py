@@ -350,8 +350,8 @@ def open_rank_file(path: str | os.PathLike) -> dict[str, LazyTensor]:
 
 def _open_reference(path: Path, key: str, ref: TensorReference) -> LazyTensor:
     tid = getattr(ref, "tid", None)
-    if type(tid) is not int:
-        raise CheckpointError(f"{path}: xser reference '{key}' has no integer tid")
+    if type(tid) is not int or tid < 0:  # the tensor file's name is built from it
+        raise CheckpointError(f"{path}: xser reference '{key}' has no non-negative integer tid, found {tid!r}")
     tensor_file = xser_tensor_file(path, tid)
     if not tensor_file.is_file():
         raise CheckpointError(f"{tensor_file}: expected the xser tensor file of '{key}' (tid {tid}), it is missing")

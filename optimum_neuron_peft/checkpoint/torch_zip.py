@@ -36,6 +36,10 @@ from .stored import StoredTensor
 if TYPE_CHECKING:
     from .lazy import LazyTensor
 
+# The pickled part of a rank or metadata file (names, shapes, offsets) is a few MB for the largest models: more is
+# refused before it is read, so a small hostile file cannot make a reader allocate gigabytes.
+MAX_PICKLE_BYTES = 64 << 20
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Objects the pickle may name
 
@@ -233,10 +237,10 @@ class _TorchZip:
             with zipfile.ZipFile(path) as archive:
                 self.members = {info.filename: info for info in archive.infolist()}
                 self.archive_name = self._find_archive_name()
-                self.pickle_bytes = archive.read(f"{self.archive_name}/data.pkl")
+                self.pickle_bytes = self._read_member(archive, f"{self.archive_name}/data.pkl", MAX_PICKLE_BYTES)
                 byteorder_member = f"{self.archive_name}/byteorder"
-                byteorder = archive.read(byteorder_member) if byteorder_member in self.members else b"little"
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as err:
+                byteorder = self._read_member(archive, byteorder_member, 16) if byteorder_member in self.members else b"little"
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError) as err:
             if isinstance(err, CheckpointError):
                 raise
             raise CheckpointError(
@@ -244,6 +248,18 @@ class _TorchZip:
             ) from None
         if byteorder != b"little":
             raise CheckpointError(f"{path}: expected little-endian tensor data, found byteorder {byteorder!r}")
+
+    def _read_member(self, archive: zipfile.ZipFile, member: str, limit: int) -> bytes:
+        """A small member, its declared size checked before reading and its (de)compressed size bounded while
+        reading: a compressed ``data.pkl`` cannot make us allocate more than ``limit`` bytes."""
+        info = self.members[member]
+        if info.file_size > limit:
+            raise CheckpointError(f"{self.path}: member '{member}' declares {info.file_size} bytes, expected at most {limit}")
+        with archive.open(info) as handle:
+            data = handle.read(limit + 1)
+        if len(data) > limit:
+            raise CheckpointError(f"{self.path}: member '{member}' holds more than {limit} bytes (expected at most {limit})")
+        return data
 
     def _find_archive_name(self) -> str:
         candidates = sorted(name[: -len("/data.pkl")] for name in self.members if name.endswith("/data.pkl"))
@@ -475,5 +491,8 @@ def load_plain_pickle(path: str | os.PathLike) -> Any:
     if head == b"PK\x03\x04":
         data = _TorchZip(path).pickle_bytes
     else:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_PICKLE_BYTES + 1)
+        if len(data) > MAX_PICKLE_BYTES:
+            raise CheckpointError(f"{path}: expected a pickle of at most {MAX_PICKLE_BYTES} bytes, found more")
     return restricted_loads(data, str(path), allowed={})

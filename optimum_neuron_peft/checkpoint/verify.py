@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict
 from .lazy import LazyTensor, open_safetensors
+from ..utils.safe_paths import check_inside
 from .schemas import read_index_files
 from .source import checked
 from .torch_zip import open_torch_state_dict
@@ -103,8 +104,14 @@ def verify_targets(targets, output_root: str | os.PathLike, dtype: torch.dtype |
     start = time.perf_counter()
     count = nbytes = 0
     for target in targets:
-        directory = Path(output_root) / target.subdir
+        directory = check_inside(output_root, Path(output_root) / target.subdir)
         opened = open_output(directory, target.kind)
+        extra = sorted(set(opened) - {p.name for p in target.plans})
+        if extra:
+            raise CheckpointError(
+                f"{directory}: consolidated output holds tensor '{extra[0]}' that the checkpoint does not produce"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
         for plan in target.groups:
             stage, group = plan.stage, plan.group
             originals = {}

@@ -99,7 +99,8 @@ def _read_tensor(f, data_start: int, entry: dict) -> torch.Tensor:
     begin, end = entry["data_offsets"]
     f.seek(data_start + begin)
     buf = bytearray(end - begin)
-    f.readinto(buf)
+    if f.readinto(buf) != len(buf):  # never pad a short read with zeros
+        raise MergeError(f"{f.name}: file ends inside a tensor of {len(buf)} bytes at offset {data_start + begin} (truncated?)")
     return torch.frombuffer(buf, dtype=_DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
@@ -123,7 +124,10 @@ def _write_shard(shard: _Shard, target: Path, plan: dict[str, LoraModule], fan_i
             if dst.tell() != data_start + begin:
                 raise MergeError(f"{shard.path}: tensor {name!r} does not start where the previous one ended")
             if name in plan:
-                merged = _merge_weight(_read_tensor(src, data_start, entry), plan[name], fan_in_fan_out, device)
+                weight = _read_tensor(src, data_start, entry)
+                merged = _merge_weight(weight, plan[name], fan_in_fan_out, device)
+                if merged.is_floating_point() and not bool(torch.isfinite(merged).all()) and bool(torch.isfinite(weight).all()):
+                    raise MergeError(f"{shard.path}: merged weight {name!r} is not finite (the adapter overflows {merged.dtype})")
                 dst.write(memoryview(merged.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 tick(name)
                 continue

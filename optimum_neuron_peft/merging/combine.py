@@ -56,9 +56,16 @@ def _validate_arguments(adapter_dirs, weights, combination_type, density, majori
         raise MergeError("adapter_dirs: expected at least one adapter directory, found none")
     if len(weights) != len(adapter_dirs):
         raise MergeError(f"weights: expected {len(adapter_dirs)} values (one per adapter), found {len(weights)}")
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise MergeError(f"weights: expected finite numbers, found {bad[0]!r}")
     if combination_type not in COMBINATION_TYPES:
         raise MergeError(f"combination_type: expected one of {', '.join(COMBINATION_TYPES)}; found {combination_type!r}")
     base = combination_type.removesuffix("_svd")
+    if density is not None and (isinstance(density, bool) or not math.isfinite(density) or not 0 <= density <= 1):
+        raise MergeError(f"density: expected a number in [0, 1], found {density!r}")
+    if svd_clamp is not None and (isinstance(svd_clamp, bool) or not math.isfinite(svd_clamp)):
+        raise MergeError(f"svd_clamp: expected a quantile in [0, 1], found {svd_clamp!r}")
     if base in _NEEDS_DENSITY and (density is None or isinstance(density, bool) or not 0 <= density <= 1):
         raise MergeError(f"density: combination type {combination_type!r} needs a density in [0, 1], found {density!r}")
     if majority_sign_method not in ("total", "frequency"):
@@ -99,6 +106,12 @@ def _new_rank(adapters: list[Adapter], combination_type: str, svd_rank: int | No
     if combination_type == "cat":
         return sum(ranks)
     if combination_type in SVD_TYPES:
+        if svd_rank is not None:
+            # The delta of a module (out, in) has rank at most min(out, in): a larger r only adds zeros.
+            limit = min(min(m.B.shape[0], m.A.shape[1]) for a in adapters for m in a.modules.values())
+            if svd_rank > limit:
+                raise MergeError(f"svd_rank: expected at most {limit} (the smallest min(out, in) of the adapted "
+                                 f"modules), found {svd_rank}")
         return svd_rank or max(ranks)
     return ranks[0]
 
@@ -208,7 +221,13 @@ def combine_adapters(
     combined: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for i, name in enumerate(names):
         parts = [(w, a.modules[name]) for w, a in zip(weights, adapters) if name in a.modules]
-        A, B = _combine_module(parts, combination_type, new_rank, kernel, svd_clamp, dev)
+        try:
+            A, B = _combine_module(parts, combination_type, new_rank, kernel, svd_clamp, dev)
+        except torch.linalg.LinAlgError as err:  # e.g. an SVD of a delta that overflowed
+            raise MergeError(f"module {name!r}: cannot combine ({' '.join(str(err).split())[:200]}); are the weights too large?") from None
+        for factor in (A, B):
+            if factor.is_floating_point() and not bool(torch.isfinite(factor).all()):
+                raise MergeError(f"module {name!r}: the combined adapter is not finite (weights {weights} overflow {factor.dtype})")
         combined[name] = (A.cpu(), B.cpu())
         if progress is not None:
             progress(i + 1, len(names), name)
