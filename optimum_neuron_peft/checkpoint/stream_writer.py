@@ -14,6 +14,7 @@ path writes through the same code, hence the same bytes.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -70,6 +71,17 @@ class WritebackThread:
         """Wait for pending calls (before the descriptors are closed)."""
         self._queue.put(None)
         self._thread.join()
+
+
+@contextlib.contextmanager
+def naming_file(path: Path):
+    """An OSError of a write (ENOSPC, EFBIG...) carries no file name: give it the file written, for the CLI's line."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
 
 
 @dataclass(frozen=True)
@@ -148,8 +160,9 @@ class SafetensorsStreamWriter:
 
     def _emit(self, data: memoryview) -> None:
         written = 0
-        while written < len(data):
-            written += os.pwrite(self._fd, data[written:], self._size + written)
+        with naming_file(self.path):
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], self._size + written)
         if self._hash is not None:
             self._hash.update(data)
         self._size += len(data)
@@ -199,7 +212,8 @@ class SafetensorsStreamWriter:
         plan = self._check_next(name, dtype, tuple(shape))
         if not self.can_copy_ranges:
             raise CheckpointError(f"{self.path}: a hashed file cannot be written by byte-range copies")
-        copied = copier.copy(ranges, self._fd, self._size)
+        with naming_file(self.path):
+            copied = copier.copy(ranges, self._fd, self._size)
         if copied != plan.nbytes:
             raise CheckpointError(f"{self.path}: tensor '{name}' needs {plan.nbytes} bytes, its byte ranges hold {copied}")
         self._size += copied
@@ -259,8 +273,9 @@ class SafetensorsPlacedWriter:
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         written = 0
-        while written < len(data):
-            written += os.pwrite(self._fd, data[written:], offset + written)
+        with naming_file(self.path):
+            while written < len(data):
+                written += os.pwrite(self._fd, data[written:], offset + written)
 
     def _done(self, name: str) -> None:
         with self._lock:
@@ -287,7 +302,8 @@ class SafetensorsPlacedWriter:
     def copy_ranges(self, name: str, ranges, copier) -> None:
         """Write tensor ``name`` from byte ranges of input files (`byte_copy.RangeCopier`)."""
         self._plan(name, sum(length for _, _, length in ranges))
-        copier.copy(ranges, self._fd, self.offsets[name])
+        with naming_file(self.path):
+            copier.copy(ranges, self._fd, self.offsets[name])
         self._done(name)
 
     def close(self) -> None:

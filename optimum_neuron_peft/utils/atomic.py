@@ -114,7 +114,7 @@ def _acquire(path: Path, output_dir: Path) -> int:
         held = os.fstat(fd)
         if current is not None and (current.st_ino, current.st_dev) == (held.st_ino, held.st_dev):
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.write(fd, f"{os.getpid()}\n".encode())  # at offset 0: the descriptor was just opened
             return fd
         os.close(fd)
 
