@@ -40,6 +40,7 @@ from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
 from .schemas import ADAPTER_CONFIG_SCHEMA
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
+from .config_shapes import check_config_shapes
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
 from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
@@ -280,6 +281,7 @@ def plan_consolidation(
         if part.adapter_name is not None:
             target.adapter_config = restore_adapter_config(part, groups)
         targets.append(target)
+    check_config_shapes(checkpoint.config_file, ((p.name, p.shape) for t in targets for p in t.plans))
     return checkpoint, targets
 
 

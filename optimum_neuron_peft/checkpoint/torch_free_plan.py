@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..transformations.names import is_lora_parameter, normalize_parameters_metadata, remove_base_layer
+from .config_shapes import check_config_shapes
 from .declared import DeclaredSpec, GroupShapes, Unsupported, check_parameter_entry, declared_spec, group_outputs
 from .detect import Checkpoint, open_checkpoint, source_format_of
 from .dtypes import itemsize
@@ -75,7 +76,9 @@ def plan_model(checkpoint_dir: str | os.PathLike, *, check_checksums: bool = Fal
     outputs = [t.name for group in groups for t in group]
     if len(set(outputs)) != len(outputs):
         raise Unsupported("an output tensor is produced twice")
-    return ModelPlan(checkpoint, groups)
+    plan = ModelPlan(checkpoint, groups)
+    check_config_shapes(checkpoint.config_file, ((t.name, t.shape) for t in plan.tensors))
+    return plan
 
 
 def _rank_file(path: Path) -> dict[str, StoredTensor]:

@@ -208,6 +208,12 @@ def metadata_spec_field_wrong_type(ws):
     return ["consolidate", ws / "on", ws / "out"]
 
 
+def config_disagrees_with_original_dims(ws):
+    # The metadata's FusedLinearsSpec says original_dims [96, 96] (and the rank files agree); config.json says 48.
+    edit_json(ws / "on" / "config.json", lambda c: c.update(intermediate_size=48))
+    return ["consolidate", ws / "on", ws / "out"]
+
+
 def manifest_fractional_tp_size(ws):
     edit_json(ws / "ours" / "manifest.json", lambda m: m.update(tp_size=2.5))
     return ["consolidate", ws / "ours", ws / "out"]
@@ -338,6 +344,7 @@ CASES = [
     Case("metadata-tp-2.5", metadata_fractional_partitions, 2, "num_partitions': expected an integer >= 1 and <= 65536, found number 2.5"),
     Case("metadata-int-module-name", metadata_integer_module_name, 2, "module_fully_qualified_name': expected a string, found integer 7"),
     Case("metadata-spec-field-type", metadata_spec_field_wrong_type, 2, "tp_size': expected an integer >= 1 and <= 65536, found string '2'"),
+    Case("config-vs-original-dims", config_disagrees_with_original_dims, 2, "config.json: tensor 'model.layers.0.mlp.gate_proj.weight' is produced with shape (96, 64), but config.json gives dimension 0 the size 48"),
     Case("manifest-tp-2.5", manifest_fractional_tp_size, 2, "manifest.json: field 'tp_size': expected an integer >= 1"),
     Case("verify-extra-tensor", verify_extra_tensor, 2, "holds tensor 'base_model.model.extra.lora_A.weight' that the checkpoint does not produce"),
     Case("verify-null-checksum", verify_null_checksum, 2, "sha256': expected a sha256 (64 hex digits), found null"),
