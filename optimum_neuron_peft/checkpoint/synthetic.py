@@ -96,9 +96,23 @@ class LlamaShardingLayout:
         if self.tie_word_embeddings:  # a tied state dict lists the shared tensor twice; it is saved once
             state_dict = {n: t for n, t in state_dict.items() if n != TIED_LM_HEAD}
         local = adapt_state_dict(self.specs, state_dict, tp_rank, metadata)
+        local = self._in_model_order(local)
         if pp_rank is None:
             return local
         return {n: t for n, t in local.items() if self.stage_of(n) == pp_rank}
+
+    def _in_model_order(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``local`` ordered by module as the model declares them (``parameters`` is in that order), the way a
+        model's ``state_dict()`` and so optimum-neuron's rank files list them; stable within a module."""
+        modules: dict[str, int] = {}
+        for name in self.parameters:
+            modules.setdefault(name.rpartition(".")[0], len(modules))
+
+        def module_index(name: str) -> int:
+            split = split_lora_name(name)
+            return modules.get(split[0] if split else name.rpartition(".")[0], len(modules))
+
+        return dict(sorted(local.items(), key=lambda item: module_index(item[0])))
 
     def rank_state_dicts(
         self, state_dict: Mapping[str, Any], pp_split: bool = True
