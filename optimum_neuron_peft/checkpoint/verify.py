@@ -21,6 +21,7 @@ from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict
 from .lazy import LazyTensor, open_safetensors
+from .loadability import check_adapter_keys, check_model_keys
 from .source import checked
 from .torch_zip import open_torch_state_dict
 
@@ -151,5 +152,22 @@ def verify(
     from .consolidate import parse_dtype, plan_consolidation
 
     cast = parse_dtype(dtype)
-    _, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
-    return verify_targets(targets, consolidated_dir, dtype=cast)
+    checkpoint, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
+    result = verify_targets(targets, consolidated_dir, dtype=cast)
+    check_loadable(targets, Path(consolidated_dir), checkpoint.config_file)
+    return result
+
+
+def check_loadable(targets, output_root: Path, config_file: Path | None) -> None:
+    """Every output holds exactly the keys Transformers / PEFT load (`loadability`); no extra tensor either."""
+    for target in targets:
+        directory = output_root / target.subdir
+        keys = set(open_output(directory, target.kind))
+        planned = {plan.name for plan in target.plans}
+        extra = sorted(keys - planned)
+        if extra:
+            raise CheckpointError(f"{directory}: holds tensors the checkpoint does not, e.g. {extra[:3]}")
+        if target.kind == "adapter":
+            check_adapter_keys(keys, directory, config_file)
+        elif config_file is not None:
+            check_model_keys(keys, config_file, directory)
