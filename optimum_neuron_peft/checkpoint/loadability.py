@@ -127,18 +127,74 @@ def mismatch_error(keys: Iterable[str], required: Iterable[str], allowed: Iterab
     _mismatch(where, "AutoModelForCausalLM.from_pretrained", set(keys), set(required), set(allowed))
 
 
-def expected_model_keys_in_subprocess(config_file: Path):
-    """Start computing `expected_model_keys` in a child process: the torch-free engine keeps torch out of its own
-    process (seconds of imports) while the child uses the other core. ``.communicate()`` gives JSON on stdout."""
-    import subprocess
-    import sys
+class ExpectedModelKeys:
+    """`expected_model_keys` for the torch-free engine, which keeps torch out of its own process (seconds of imports):
+    read from a cache keyed by the config's bytes and the Transformers version, else computed by a child process
+    started now, on the other core while the bytes are copied. `result()` gives ``(required, allowed)``."""
 
-    return subprocess.Popen(
-        [sys.executable, "-m", __name__, str(config_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    def __init__(self, config_file: Path) -> None:
+        import hashlib
+        import os
+        import subprocess
+        import sys
+        from importlib.metadata import PackageNotFoundError, version
+
+        self._config_file = Path(config_file)
+        try:
+            key = hashlib.sha256(self._config_file.read_bytes() + version("transformers").encode()).hexdigest()
+        except (OSError, PackageNotFoundError) as err:
+            raise CheckpointError(f"{config_file}: cannot compute the keys Transformers expects ({err})") from None
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimum-neuron-peft" / "expected-keys"
+        self._cache_file = cache / f"{key}.json"
+        self._cached = _read_json(self._cache_file)
+        self._child = None
+        if self._cached is None:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(config_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )
+
+    def result(self) -> tuple[set[str], set[str]]:
+        found = self._cached
+        if found is None:
+            out, err = self._child.communicate()
+            if self._child.returncode != 0:
+                last = (err.strip().splitlines() or ["no output"])[-1]
+                raise CheckpointError(f"{self._config_file}: could not compute the keys Transformers expects ({last})")
+            found = json.loads(out)
+            _write_json_atomically(self._cache_file, found)
+        return set(found["required"]), set(found["allowed"])
+
+    def cancel(self) -> None:
+        if self._child is not None and self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
 
 
-if __name__ == "__main__":  # the child of `expected_model_keys_in_subprocess`
+def _read_json(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(found, dict) and all(isinstance(found.get(k), list) for k in ("required", "allowed"))
+    return found if ok else None
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    import os
+    import tempfile
+
+    try:  # a cache: failing to write it costs only time next run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(value, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":  # the child of `ExpectedModelKeys`
     import sys
 
     try:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import importlib
 import os
 import queue
-import json
 import threading
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Callable
 
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
-from .loadability import expected_model_keys_in_subprocess, mismatch_error
+from .loadability import ExpectedModelKeys, mismatch_error
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .declared import Unsupported
@@ -77,42 +76,18 @@ def try_consolidate(
         if required:
             raise CheckpointError(f"{checkpoint_dir}: the torch-free engine cannot consolidate this checkpoint: {reason}")
         return None
-    keys_check = _KeysCheck(plan, output_dir)
+    config_file = plan.checkpoint.config_file
+    expected = ExpectedModelKeys(config_file) if config_file is not None else None  # `loadability`
     try:
         with atomic_output_dir(output_dir, overwrite=o.overwrite) as tmp:
             count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
-            copy_root_files([plan.checkpoint.config_file, *plan.checkpoint.extra_files], tmp)
-            keys_check.result()
+            copy_root_files([config_file, *plan.checkpoint.extra_files], tmp)
+            if expected is not None:
+                mismatch_error([t.name for t in plan.tensors], *expected.result(), output_dir)
     finally:
-        keys_check.cancel()
+        if expected is not None:
+            expected.cancel()
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")
-
-
-class _KeysCheck:
-    """`loadability.check_model_keys` of the planned output, computed by a child process started before the copy:
-    it needs torch and Transformers (seconds to import), which this engine keeps out of its own process, and the
-    copy is mostly kernel time, so the two overlap."""
-
-    def __init__(self, plan: ModelPlan, output_dir: Path) -> None:
-        self._names = [t.name for t in plan.tensors]
-        self._output_dir = output_dir
-        self._config_file = plan.checkpoint.config_file
-        self._child = None if self._config_file is None else expected_model_keys_in_subprocess(self._config_file)
-
-    def result(self) -> None:
-        if self._child is None:
-            return
-        out, err = self._child.communicate()
-        if self._child.returncode != 0:
-            last = (err.strip().splitlines() or ["no output"])[-1]
-            raise CheckpointError(f"{self._config_file}: could not compute the keys Transformers expects ({last})")
-        expected = json.loads(out)
-        mismatch_error(self._names, expected["required"], expected["allowed"], self._output_dir)
-
-    def cancel(self) -> None:
-        if self._child is not None and self._child.poll() is None:
-            self._child.kill()
-            self._child.wait()
 
 
 def write_model(plan: ModelPlan, directory: Path, *, max_shard_size: int | str, progress: bool = False) -> tuple[int, int]:

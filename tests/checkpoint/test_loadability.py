@@ -79,3 +79,19 @@ def test_model_key_check_names_missing_keys(tmp_path):
     check_model_keys(keys, tmp_path / "config.json", tmp_path)
     with pytest.raises(CheckpointError, match=r"1 keys it expects are missing \(e.g. \['model.norm.weight'\]\)"):
         check_model_keys(keys - {"model.norm.weight"}, tmp_path / "config.json", tmp_path)
+
+
+def test_torch_free_engine_caches_the_expected_keys(tmp_path, monkeypatch):
+    from optimum_neuron_peft.checkpoint.loadability import ExpectedModelKeys
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "config.json").write_text(llama_config().to_json_string())
+    first = ExpectedModelKeys(tmp_path / "config.json")  # computed by a child process (torch stays out of ours)
+    assert first._child is not None
+    assert first.result() == expected_model_keys(tmp_path / "config.json")
+    second = ExpectedModelKeys(tmp_path / "config.json")
+    assert second._child is None and second.result() == first.result()
+    (cache_file,) = (tmp_path / "cache").rglob("*.json")
+    cache_file.write_text("{not json")  # a damaged cache entry is recomputed, not trusted
+    third = ExpectedModelKeys(tmp_path / "config.json")
+    assert third._child is not None and third.result() == first.result()
