@@ -1,4 +1,4 @@
-"""Discover and read optimum-neuron training checkpoints (FORMATS.md section 3) without loading tensor data.
+"""Discover and read optimum-neuron training checkpoints (docs/checkpoint_formats.md section 3) without loading tensor data.
 
 Layout (``<part>`` is ``shards/`` for the model, ``adapter_<name>/adapter_shards/`` for each LoRA adapter)::
 

@@ -1,4 +1,4 @@
-"""Write checkpoints in the optimum-neuron training layout (FORMATS.md section 3), for tests and benchmarks.
+"""Write checkpoints in the optimum-neuron training layout (docs/checkpoint_formats.md section 3), for tests and benchmarks.
 
 Rank files are written one at a time from any iterable of ``((tp_rank, pp_rank), state_dict)`` pairs, so a caller
 that builds each state dict lazily (a generator) writes a checkpoint of any size with one rank in memory.

@@ -62,7 +62,7 @@ class LlamaShardingLayout:
         return 0 if "embed_tokens" in parts else self.pp_size - 1
 
     def metadata(self, pp_rank: int, adapter_name: str | None = None) -> dict[str, Any]:
-        """Metadata of one stage in the FORMATS.md section 3 schema, named as in the training model.
+        """Metadata of one stage in the docs/checkpoint_formats.md section 3 schema, named as in the training model.
 
         With ``adapter_name``, targeted base parameters are named ``<module>.base_layer.<param>`` and LoRA ones
         ``<module>.lora_A.<adapter>.<param>``, as optimum-neuron writes them, and specs have peft_type "lora".

@@ -1,4 +1,4 @@
-"""Writer -> discovery -> lazy reading of optimum-neuron training checkpoints (FORMATS.md section 3)."""
+"""Writer -> discovery -> lazy reading of optimum-neuron training checkpoints (docs/checkpoint_formats.md section 3)."""
 
 from __future__ import annotations
 
