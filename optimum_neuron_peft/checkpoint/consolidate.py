@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
@@ -43,12 +43,13 @@ from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_r
 from .config_shapes import check_config_shapes
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
+from .loadability import check_adapter_keys, check_model_keys, targeted
 from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
 from .torch_free import ENGINES, try_consolidate
 
-PEFT_PREFIX = "base_model.model."
+PEFT_PREFIX = PEFT_WRAPPER_PREFIX
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
 __all__ = ["ConsolidationResult", "SLEEP_ENV", "consolidate", "plan_consolidation"]
@@ -189,15 +190,6 @@ def _fused_names(part: Part) -> list[tuple[str, tuple[str, ...]]]:
     return list(dict.fromkeys(n for specs in part.all_specs for n in _fused_names_of(specs)))
 
 
-def _targeted(target_modules: Any, module: str) -> bool:
-    """PEFT's matching: a regex string matches the full module name, a list matches the name or its suffix."""
-    if target_modules in (None, "all-linear"):
-        return True
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in target_modules)
-
-
 def _restore_fused_targets(targets: list[str], fused_names: list[tuple[str, tuple[str, ...]]]) -> list[str]:
     """``target_modules`` entries naming a fused module (bare, ``qkv_proj``, or full path, as vanilla PEFT saves
     ``all-linear`` expanded: ``model.layers.0.self_attn.qkv_proj``) replaced by its original projections, with the
@@ -247,7 +239,7 @@ def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any
             module = lora_module_of(name)
             if module is None:
                 raise CheckpointError(f"{plan.stage.rank_files[0]}: adapter file holds '{name}', which is not a LoRA tensor")
-            if not _targeted(targets, module):
+            if not targeted(targets, module):
                 if module in droppable:
                     continue
                 raise CheckpointError(
@@ -258,7 +250,7 @@ def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any
             kept.append((name, tensor_plan))
         plan.outputs = kept
     if isinstance(targets, list):
-        missing = sorted(t for t in set(targets) if not any(_targeted([t], m) for m in produced))
+        missing = sorted(t for t in set(targets) if not any(targeted([t], m) for m in produced))
         if missing:
             raise CheckpointError(f"{path}: target_modules lists {missing} but the checkpoint has no LoRA tensors for them")
     return config
@@ -417,10 +409,14 @@ def consolidate(
                 except BaseException:
                     writer.abort()
                     raise
+                names = [plan.name for plan in target.plans]
                 if target.kind == "model":
                     copy_root_files([checkpoint.config_file, *checkpoint.extra_files], directory)
+                    if checkpoint.config_file is not None:
+                        check_model_keys(names, checkpoint.config_file, output_dir / target.subdir)
                 else:
                     (directory / "adapter_config.json").write_text(json.dumps(target.adapter_config, indent=2) + "\n")
+                    check_adapter_keys(names, directory, checkpoint.config_file, output_dir / target.subdir)
                 directories["model" if target.kind == "model" else target.part.adapter_name] = output_dir / target.subdir
         if verify:
             from .verify import verify_targets

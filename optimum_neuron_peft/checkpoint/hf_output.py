@@ -1,4 +1,4 @@
-"""Writers of Transformers / PEFT weight files (FORMATS.md section 1), fed one tensor at a time.
+"""Writers of Transformers / PEFT weight files (docs/checkpoint_formats.md section 1), fed one tensor at a time.
 
 The whole list of output tensors (name, dtype, shape) is known before any data is read, so the shard split
 (`huggingface_hub.split_torch_state_dict_into_shards`'s algorithm, run on the planned sizes) and every safetensors header are fixed

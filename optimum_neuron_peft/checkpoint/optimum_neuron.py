@@ -1,4 +1,4 @@
-"""Discover and read optimum-neuron training checkpoints (FORMATS.md section 3) without loading tensor data.
+"""Discover and read optimum-neuron training checkpoints (docs/checkpoint_formats.md section 3) without loading tensor data.
 
 Layout (``<part>`` is ``shards/`` for the model, ``adapter_<name>/adapter_shards/`` for each LoRA adapter)::
 
@@ -11,6 +11,13 @@ Quirks kept as they are on disk (the consolidation layer deals with them): a fus
 recorded as not tensor-parallel although it is sharded along dim 0 (see :func:`normalize_parameters_metadata`);
 ``fuse_axis`` is 0/1 or "column"/"row"; adapter rank files name tensors WITHOUT the adapter name while the metadata
 names them WITH it (see :func:`adapter_key_from_metadata_name`).
+
+One thing is normalized at discovery: an adapter checkpoint names everything from the PEFT wrapper
+(``base_model.model.model.layers.0...``: rank-file keys, metadata parameter names, every spec module name; see
+docs/checkpoint_formats.md, "Adapter naming"). :func:`strip_peft_wrapper_prefix` removes that prefix from the
+metadata and records it in ``ShardedPart.key_prefix``, so that an adapter part is named like the model
+(``model.layers.0...``) everywhere downstream, as in the project's own format; rank-file keys are stripped when the
+files are opened (:func:`strip_key_prefix`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import CheckpointError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json, validate
 from .schemas import METADATA_SCHEMA
@@ -84,8 +92,9 @@ class ShardedPart:
     serialization: Serialization
     metadata_files: dict[int, Path]  # pp rank -> metadata file
     rank_files: dict[tuple[int, int], Path]  # (tp rank, pp rank) -> rank file
-    metadata: dict[int, dict] = field(repr=False)  # pp rank -> parsed metadata
+    metadata: dict[int, dict] = field(repr=False)  # pp rank -> parsed metadata (PEFT wrapper prefix removed)
     adapter_config: Path | None = None
+    key_prefix: str = ""  # prefix of every rank-file key, removed when the files are opened (`strip_key_prefix`)
 
 
 @dataclass(frozen=True)
@@ -169,6 +178,17 @@ def _discover_part(directory: Path, adapter_name: str | None) -> ShardedPart:
             )
     tp_size = _check_tp_ranks(rank_files, pp_ranks, directory / RANK_FILES_DIR)
     metadata = {pp: load_metadata(metadata_files[pp]) for pp in pp_ranks}
+    key_prefix = ""
+    if adapter_name is not None:
+        stripped = {pp: strip_peft_wrapper_prefix(metadata[pp], metadata_files[pp]) for pp in pp_ranks}
+        prefixes = {prefix for _, prefix in stripped.values()}
+        if len(prefixes) > 1:
+            raise CheckpointError(
+                f"{directory}: expected every pipeline stage's metadata to name parameters alike, found some with "
+                f"the PEFT wrapper prefix '{PEFT_WRAPPER_PREFIX}' and some without"
+            )
+        metadata = {pp: meta for pp, (meta, _) in stripped.items()}
+        key_prefix = prefixes.pop()
     for pp in pp_ranks:
         _check_metadata_tp(metadata[pp], tp_size, metadata_files[pp])
     return ShardedPart(
@@ -181,6 +201,7 @@ def _discover_part(directory: Path, adapter_name: str | None) -> ShardedPart:
         rank_files=dict(sorted(rank_files.items(), key=lambda item: (item[0][1], item[0][0]))),
         metadata=metadata,
         adapter_config=adapter_config,
+        key_prefix=key_prefix,
     )
 
 
@@ -273,6 +294,47 @@ def load_metadata(path: str | os.PathLike) -> dict:
     if not isinstance(metadata.get("model_weight_transformation_specs", []), list):
         raise CheckpointError(f"{path}: expected 'model_weight_transformation_specs' to be a list")
     return validate(metadata, METADATA_SCHEMA, file=path, error=CheckpointError)
+
+
+def strip_peft_wrapper_prefix(metadata: dict, path: Path) -> tuple[dict, str]:
+    """``(metadata named like the model, the prefix removed)`` for one stage of an adapter.
+
+    optimum-neuron's ``NeuronPeftModel`` names every parameter and every spec module from the PEFT wrapper
+    (``base_model.model.model.layers.0.self_attn``). Names without the prefix are taken as they are (the prefix
+    returned is then ""); a mix is an error, since the rank files cannot agree with both.
+    """
+    parameters = metadata.get("parameters", {})
+    groups = metadata.get("model_weight_transformation_specs", [])
+    modules = [g.get("module_fully_qualified_name") if isinstance(g, dict) else None for g in groups]
+    names = [*parameters, *modules]
+    prefixed = [isinstance(n, str) and n.startswith(PEFT_WRAPPER_PREFIX) for n in names]
+    if not any(prefixed):
+        return metadata, ""
+    if not all(prefixed):
+        odd = next(n for n, p in zip(names, prefixed) if not p)
+        raise CheckpointError(
+            f"{path}: expected every parameter and spec module of an adapter to be named from the PEFT wrapper "
+            f"('{PEFT_WRAPPER_PREFIX}...') like the others, found {odd!r}"
+        )
+    cut = len(PEFT_WRAPPER_PREFIX)
+    stripped = dict(metadata)
+    stripped["parameters"] = {name[cut:]: entry for name, entry in parameters.items()}
+    stripped["model_weight_transformation_specs"] = [
+        {**group, "module_fully_qualified_name": group["module_fully_qualified_name"][cut:]} for group in groups
+    ]
+    return stripped, PEFT_WRAPPER_PREFIX
+
+
+def strip_key_prefix(tensors: dict[str, Any], prefix: str, path: Path) -> dict[str, Any]:
+    """Rank-file ``tensors`` with ``prefix`` removed from every key (the metadata said the part carries it)."""
+    if not prefix:
+        return tensors
+    odd = next((key for key in tensors if not key.startswith(prefix)), None)
+    if odd is not None:
+        raise CheckpointError(
+            f"{path}: expected every tensor key to start with '{prefix}' like the metadata's names, found {odd!r}"
+        )
+    return {key[len(prefix) :]: value for key, value in tensors.items()}
 
 
 _FUSED_QKV_SUFFIXES = (".weight_qkv", ".bias_qkv")

@@ -1,7 +1,12 @@
-"""Write checkpoints in the optimum-neuron training layout (FORMATS.md section 3), for tests and benchmarks.
+"""Write checkpoints in the optimum-neuron training layout (docs/checkpoint_formats.md section 3), for tests and benchmarks.
 
 Rank files are written one at a time from any iterable of ``((tp_rank, pp_rank), state_dict)`` pairs, so a caller
 that builds each state dict lazily (a generator) writes a checkpoint of any size with one rank in memory.
+
+An adapter is written as optimum-neuron's ``NeuronPeftModel.save_pretrained`` writes it: every rank-file key, metadata
+parameter name and spec module name starts with the PEFT wrapper prefix ``base_model.model.`` (callers pass names as in
+the model; the writer adds it). ``tests/checkpoint/test_optimum_neuron_sample.py`` pins this against a checkpoint that
+optimum-neuron itself wrote.
 
 The xser reference file must name the class ``torch_xla.utils.serialization.TensorReference`` without torch_xla being
 importable: a pure-Python pickler writes that GLOBAL opcode for our marker class, leaving ``sys.modules`` untouched.
@@ -19,6 +24,7 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 
 from ..errors import CheckpointError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from .optimum_neuron import (
     ADAPTER_CONFIG,
     ADAPTER_PREFIX,
@@ -87,6 +93,19 @@ def write_metadata(path: str | os.PathLike, metadata: Mapping[str, Any]) -> None
         path.write_text(json.dumps(metadata, indent=2), encoding="utf-8")
 
 
+def with_peft_wrapper_prefix(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """Stage metadata named as in the model -> named from the PEFT wrapper, as in optimum-neuron's adapter files."""
+    out = dict(metadata)
+    if "parameters" in metadata:
+        out["parameters"] = {PEFT_WRAPPER_PREFIX + name: entry for name, entry in metadata["parameters"].items()}
+    if "model_weight_transformation_specs" in metadata:
+        out["model_weight_transformation_specs"] = [
+            {**group, "module_fully_qualified_name": PEFT_WRAPPER_PREFIX + group["module_fully_qualified_name"]}
+            for group in metadata["model_weight_transformation_specs"]
+        ]
+    return out
+
+
 def write_optimum_neuron_checkpoint(
     root: str | os.PathLike,
     rank_state_dicts: Mapping[tuple[int, int], Mapping[str, torch.Tensor]]
@@ -102,12 +121,16 @@ def write_optimum_neuron_checkpoint(
 
     ``rank_state_dicts`` maps or yields ``(tp_rank, pp_rank) -> {name: tensor}``; each is written and released before
     the next is asked for. ``config`` goes to ``root/config.json``, ``adapter_config`` to the adapter directory.
+    Names are given as in the model; an adapter's are written with the PEFT wrapper prefix (module docstring).
     """
     root = Path(root)
+    items = rank_state_dicts.items() if isinstance(rank_state_dicts, Mapping) else rank_state_dicts
     if adapter_name is None:
         shards = root / MODEL_SHARDS_DIR
     else:
         shards = root / f"{ADAPTER_PREFIX}{adapter_name}" / ADAPTER_SHARDS_DIR
+        metadata_per_pp = {pp: with_peft_wrapper_prefix(meta) for pp, meta in metadata_per_pp.items()}
+        items = ((key, {PEFT_WRAPPER_PREFIX + name: t for name, t in state.items()}) for key, state in items)
     (shards / RANK_FILES_DIR).mkdir(parents=True, exist_ok=True)
     if config is not None:
         (root / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
@@ -115,7 +138,6 @@ def write_optimum_neuron_checkpoint(
         (shards.parent / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
     for pp_rank, metadata in metadata_per_pp.items():
         write_metadata(shards / metadata_file_name(pp_rank, metadata_format), metadata)
-    items = rank_state_dicts.items() if isinstance(rank_state_dicts, Mapping) else rank_state_dicts
     for (tp_rank, pp_rank), state_dict in items:
         write_rank_file(shards / RANK_FILES_DIR / rank_file_name(tp_rank, pp_rank), state_dict, serialization)
         del state_dict  # let a generator's state dict be freed before the next one is built

@@ -161,7 +161,7 @@ def _write_stage(root: Path, stage: OutputStage, tp_size: int, adapter_name: str
 def _stages_from_part(part: Part, tp_size: int) -> list[OutputStage]:
     stages = []
     for stage in part.stages:
-        metadata = json.loads(json.dumps(part_metadata(stage, part)))
+        metadata = json.loads(json.dumps(stage.metadata))  # a deep copy, edited below
         new_specs = {id(g): retarget_specs(g, tp_size) for g in stage.specs}
         groups = []
         for group in stage.groups:
@@ -183,14 +183,6 @@ def _stages_from_part(part: Part, tp_size: int) -> list[OutputStage]:
         out = OutputStage(stage.pp_rank, groups, metadata, normalize_parameters_metadata(params, part.adapter_name))
         stages.append(out)
     return stages
-
-
-def part_metadata(stage, part: Part) -> dict[str, Any]:
-    """The stage's metadata as parsed (quirks normalized), in training names."""
-    from .optimum_neuron import load_metadata, normalize_parameters_metadata as fix_quirks
-
-    metadata = load_metadata(stage.metadata_file)
-    return fix_quirks(metadata, part.tp_size) if part.source_format == "optimum-neuron" else metadata
 
 
 def _transformers_stages(directory: Path, tp_size: int) -> tuple[list[OutputStage], dict[str, Any]]:

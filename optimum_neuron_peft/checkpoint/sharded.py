@@ -2,7 +2,7 @@
 
     <ckpt>/manifest.json                 format, version, kind, tp/pp sizes, dtype, {relpath: {size, sha256}}, adapters
     <ckpt>/config.json, tokenizer and generation files (copied as they are)
-    <ckpt>/shards/mp_metadata_pp_rank_<P>.json                 FORMATS.md section 3 schema, training-model names
+    <ckpt>/shards/mp_metadata_pp_rank_<P>.json                 docs/checkpoint_formats.md section 3 schema, training-model names
     <ckpt>/shards/model/tp_rank_<TT>_pp_rank_<PP>.safetensors  the (tp, pp) rank's tensors
     <ckpt>/adapter_<name>/adapter_config.json                 original module names
     <ckpt>/adapter_<name>/adapter_shards/...                  same inner layout; keys without the adapter name

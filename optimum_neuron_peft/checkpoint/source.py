@@ -19,7 +19,7 @@ from ..transformations.names import normalize_parameters_metadata, remove_base_l
 from .detect import Checkpoint, open_checkpoint, source_format_of  # noqa: F401 (re-exported)
 from .grouping import Group, check_ranks_agree, group_tensors
 from .lazy import LazyTensor, open_safetensors
-from .optimum_neuron import ShardedPart, open_rank_file
+from .optimum_neuron import ShardedPart, open_rank_file, strip_key_prefix
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
 
 
@@ -40,6 +40,9 @@ class Stage:
     parameters: dict[str, dict[str, Any]]  # keyed by saved name (no adapter name, no base_layer)
     specs: list[ModelWeightTransformationSpecs]
     groups: list[Group] = field(default_factory=list)
+    # The metadata as read, in training names (adapter names kept, PEFT wrapper prefix removed, optimum-neuron's
+    # quirks normalized): what a re-sharded copy of this stage starts from.
+    metadata: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def load(self, group: Group) -> dict[str, list[torch.Tensor]]:
         return {name: [ranks[name].load() for ranks in self.tensors] for name in group.names}
@@ -108,7 +111,7 @@ def _open_stage(part: ShardedPart, pp: int, source_format: str) -> Stage:
     rank_files = [part.rank_files[(tp, pp)] for tp in range(part.tp_size)]
     tensors = []
     for path in rank_files:
-        opened = _open_any_rank_file(path)
+        opened = strip_key_prefix(_open_any_rank_file(path), part.key_prefix, path)
         if part.adapter_name is None:
             renamed = {remove_base_layer(k): v for k, v in opened.items()}
             if len(renamed) != len(opened):
@@ -116,7 +119,7 @@ def _open_stage(part: ShardedPart, pp: int, source_format: str) -> Stage:
             opened = renamed
         tensors.append(opened)
     check_ranks_agree(rank_files, tensors)
-    stage = Stage(pp, metadata_file, rank_files, tensors, parameters, specs)
+    stage = Stage(pp, metadata_file, rank_files, tensors, parameters, specs, metadata=metadata)
     stage.groups = _groups(stage)
     return stage
 

@@ -62,7 +62,7 @@ class LlamaShardingLayout:
         return 0 if "embed_tokens" in parts else self.pp_size - 1
 
     def metadata(self, pp_rank: int, adapter_name: str | None = None) -> dict[str, Any]:
-        """Metadata of one stage in the FORMATS.md section 3 schema, named as in the training model.
+        """Metadata of one stage in the docs/checkpoint_formats.md section 3 schema, named as in the training model.
 
         With ``adapter_name``, targeted base parameters are named ``<module>.base_layer.<param>`` and LoRA ones
         ``<module>.lora_A.<adapter>.<param>``, as optimum-neuron writes them, and specs have peft_type "lora".
@@ -96,9 +96,23 @@ class LlamaShardingLayout:
         if self.tie_word_embeddings:  # a tied state dict lists the shared tensor twice; it is saved once
             state_dict = {n: t for n, t in state_dict.items() if n != TIED_LM_HEAD}
         local = adapt_state_dict(self.specs, state_dict, tp_rank, metadata)
+        local = self._in_model_order(local)
         if pp_rank is None:
             return local
         return {n: t for n, t in local.items() if self.stage_of(n) == pp_rank}
+
+    def _in_model_order(self, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``local`` ordered by module as the model declares them (``parameters`` is in that order), the way a
+        model's ``state_dict()`` and so optimum-neuron's rank files list them; stable within a module."""
+        modules: dict[str, int] = {}
+        for name in self.parameters:
+            modules.setdefault(name.rpartition(".")[0], len(modules))
+
+        def module_index(name: str) -> int:
+            split = split_lora_name(name)
+            return modules.get(split[0] if split else name.rpartition(".")[0], len(modules))
+
+        return dict(sorted(local.items(), key=lambda item: module_index(item[0])))
 
     def rank_state_dicts(
         self, state_dict: Mapping[str, Any], pp_split: bool = True
@@ -127,8 +141,14 @@ def llama_layout(
     kv_size_multiplier: int | None = None,
     fuse_qkv: bool = False,
     lora_target_modules: Iterable[str] | None = None,
+    mha_fused_qkv: bool = False,
 ) -> LlamaShardingLayout:
-    """The tensor-parallel layout of the Llama model described by ``config`` (a LlamaConfig or its dict)."""
+    """The tensor-parallel layout of the Llama model described by ``config`` (a LlamaConfig or its dict).
+
+    ``mha_fused_qkv`` (multi-head attention only): q/k/v fused into one column-parallel ``qkv_proj.weight`` under a
+    `FusedLinearsSpec` (stride 3) instead of the GQA layer, as optimum-neuron does for ``fuse_qkv`` when every head
+    has its own key/value head.
+    """
     hidden = _get(config, "hidden_size")
     layers = _get(config, "num_hidden_layers")
     heads = _get(config, "num_attention_heads")
@@ -145,23 +165,32 @@ def llama_layout(
     unknown = targets - set(LORA_TARGETS)
     if unknown:
         raise ConfigError(f"llama_layout: LoRA target modules {sorted(unknown)} are not linears of Llama {LORA_TARGETS}")
+    if mha_fused_qkv and kv_heads != heads:
+        raise ConfigError(f"llama_layout: mha_fused_qkv needs as many key/value heads as heads, got {kv_heads} and {heads}")
 
     specs: list[ModelWeightTransformationSpecs] = []
     params: dict[str, dict[str, Any]] = {"model.embed_tokens.weight": _sharded(0, tp_size)}
     lora: dict[str, dict[str, Any]] = {}
     for i in range(layers):
         attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        gqa = GQAQKVColumnParallelLinearSpec.create(
-            num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, tp_size=tp_size,
-            kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv, bias=attention_bias,
-        )
         fused = FusedLinearsSpec("gate_up_proj", ["gate_proj", "up_proj"], False, 0, [intermediate] * 2, tp_size=tp_size)
-        specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=attn, specs=[gqa]))
-        specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=mlp, specs=[fused]))
         qkv_params = ["weight", "bias"] if attention_bias else ["weight"]
-        for p in qkv_params:
-            for s in (["qkv"] if fuse_qkv else ["q", "k", "v"]):
-                params[f"{attn}.qkv_proj.{p}_{s}"] = _sharded(0, tp_size)
+        if mha_fused_qkv:
+            qkv = FusedLinearsSpec(
+                "qkv_proj", ["q_proj", "k_proj", "v_proj"], attention_bias, 0, [heads * head_dim] * 3, tp_size=tp_size
+            )
+            for p in qkv_params:
+                params[f"{attn}.qkv_proj.{p}"] = _sharded(0, tp_size, stride=3)
+        else:
+            qkv = GQAQKVColumnParallelLinearSpec.create(
+                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, tp_size=tp_size,
+                kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv, bias=attention_bias,
+            )
+            for p in qkv_params:
+                for s in (["qkv"] if fuse_qkv else ["q", "k", "v"]):
+                    params[f"{attn}.qkv_proj.{p}_{s}"] = _sharded(0, tp_size)
+        specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=attn, specs=[qkv]))
+        specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=mlp, specs=[fused]))
         params[f"{attn}.o_proj.weight"] = _sharded(1, tp_size)
         if attention_bias:
             params[f"{attn}.o_proj.bias"] = dict(_REPLICATED)
@@ -171,8 +200,9 @@ def llama_layout(
         params[f"model.layers.{i}.post_attention_layernorm.weight"] = dict(_REPLICATED)
         for s, proj in zip("qkv", ("q_proj", "k_proj", "v_proj")):
             if proj in targets:
-                lora[f"{attn}.qkv_proj.lora_A.weight_{s}"] = dict(_REPLICATED)
-                lora[f"{attn}.qkv_proj.lora_B.weight_{s}"] = _sharded(0, tp_size)
+                suffix = proj if mha_fused_qkv else s  # FusedLinearsSpec names LoRA by linear, the GQA spec by q/k/v
+                lora[f"{attn}.qkv_proj.lora_A.weight_{suffix}"] = dict(_REPLICATED)
+                lora[f"{attn}.qkv_proj.lora_B.weight_{suffix}"] = _sharded(0, tp_size)
         for proj in ("gate_proj", "up_proj"):
             if proj in targets:
                 lora[f"{mlp}.gate_up_proj.lora_A.weight_{proj}"] = dict(_REPLICATED)
@@ -193,10 +223,23 @@ def peft_state_dict_to_plain(adapter_state_dict: Mapping[str, torch.Tensor]) -> 
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in adapter_state_dict.items()}
 
 
-def to_optimum_neuron_lora(local: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+# LoRA parameters of the GQA spec, one per projection; a `FusedLinearsSpec` names them by linear (``weight_gate_proj``).
+_GQA_LORA_PARAMS = ("weight_q", "weight_k", "weight_v")
+
+
+def _fused_lora_b_name(module: str, param: str, fuse_qkv: bool) -> str | None:
+    """Name of optimum-neuron's fused lora_B that per-projection ``<module>.lora_B.<param>`` goes into, or None when
+    optimum-neuron keeps it per projection (the GQA layer without ``fuse_qkv``)."""
+    if param in _GQA_LORA_PARAMS:
+        return f"{module}.lora_B.weight_qkv" if fuse_qkv else None
+    return f"{module}.lora_B.weight"  # a column-fused linear: [B_0_r ; B_1_r ; ...]
+
+
+def to_optimum_neuron_lora(local: Mapping[str, torch.Tensor], fuse_qkv: bool = False) -> dict[str, torch.Tensor]:
     """Our per-projection LoRA tensors of one rank -> optimum-neuron's layout: one ``lora_A.weight`` shared by the
-    fused projections (taken from the first; the originals must all be equal) and, for gate_up_proj, a fused
-    ``lora_B.weight`` = [B_gate_r ; B_up_r]. The GQA lora_B stays per projection (``lora_B.weight_q/k/v``)."""
+    fused projections (taken from the first; the originals must all be equal) and, for a column-fused linear
+    (gate_up_proj, an MHA qkv_proj), a fused ``lora_B.weight`` = [B_0_r ; B_1_r ; ...]. The GQA lora_B stays per
+    projection (``lora_B.weight_q/k/v``), or is ``lora_B.weight_qkv`` = [B_q_r ; B_k_r ; B_v_r] with ``fuse_qkv``."""
     out: dict[str, torch.Tensor] = {}
     fused_b: dict[str, list[torch.Tensor]] = {}
     for name, tensor in local.items():
@@ -210,8 +253,9 @@ def to_optimum_neuron_lora(local: Mapping[str, torch.Tensor]) -> dict[str, torch
             if shared in out and not torch.equal(out[shared], tensor):
                 raise ConfigError(f"{name}: optimum-neuron shares one lora_A per fused module; the originals differ")
             out.setdefault(shared, tensor)
-        elif module.endswith("gate_up_proj"):
-            fused_b.setdefault(f"{module}.lora_B.weight", []).append(tensor)
+        elif (fused := _fused_lora_b_name(module, param, fuse_qkv)) is not None:
+            out.setdefault(fused, None)  # keeps the model's parameter order, as the saved state dict has it
+            fused_b.setdefault(fused, []).append(tensor)
         else:
             out[name] = tensor
     for name, pieces in fused_b.items():
@@ -219,8 +263,8 @@ def to_optimum_neuron_lora(local: Mapping[str, torch.Tensor]) -> dict[str, torch
     return out
 
 
-def optimum_neuron_lora_metadata(metadata: Mapping[str, Any], adapter_name: str) -> dict[str, Any]:
-    """Stage metadata of ours -> optimum-neuron's LoRA naming (shared lora_A, fused gate_up lora_B)."""
+def optimum_neuron_lora_metadata(metadata: Mapping[str, Any], adapter_name: str, fuse_qkv: bool = False) -> dict[str, Any]:
+    """Stage metadata of ours -> optimum-neuron's LoRA naming (shared lora_A, fused lora_B; `to_optimum_neuron_lora`)."""
     params: dict[str, Any] = {}
     for name, entry in metadata["parameters"].items():
         parts = name.split(".")
@@ -229,8 +273,23 @@ def optimum_neuron_lora_metadata(metadata: Mapping[str, Any], adapter_name: str)
             if parts[-3] == "lora_A":
                 params[f"{module}.lora_A.{adapter_name}.weight"] = {"tensor_model_parallel": False}
                 continue
-            if module.endswith("gate_up_proj"):
-                params[f"{module}.lora_B.{adapter_name}.weight"] = dict(entry, partition_stride=2)
+            fused = _fused_lora_b_name(module, parts[-1], fuse_qkv)
+            if fused is not None:
+                fused = add_adapter_name(fused, adapter_name)
+                # A fused GQA weight_qkv is recorded as not tensor-parallel (the quirk of the base layer's); a
+                # column-fused lora_B with stride 1 (the reference sample's gate_up_proj).
+                quirk = {"tensor_model_parallel": False} if fused.endswith("weight_qkv") else dict(entry, partition_stride=1)
+                params[fused] = quirk
                 continue
         params[name] = entry
     return {"parameters": params, "model_weight_transformation_specs": metadata["model_weight_transformation_specs"]}
+
+
+def merge_adapter_metadata(per_adapter: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One stage's metadata listing the parameters of every adapter of the model, as optimum-neuron writes it into
+    each adapter's files (``create_parameter_metadata`` of the whole PEFT model)."""
+    per_adapter = list(per_adapter)
+    params: dict[str, Any] = {}
+    for metadata in per_adapter:
+        params.update(metadata["parameters"])
+    return {"parameters": params, "model_weight_transformation_specs": per_adapter[0]["model_weight_transformation_specs"]}

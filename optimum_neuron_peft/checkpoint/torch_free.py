@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
+from .loadability import ExpectedModelKeys, mismatch_error
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .declared import Unsupported
@@ -75,9 +76,17 @@ def try_consolidate(
         if required:
             raise CheckpointError(f"{checkpoint_dir}: the torch-free engine cannot consolidate this checkpoint: {reason}")
         return None
-    with atomic_output_dir(output_dir, overwrite=o.overwrite, inputs=[checkpoint_dir]) as tmp:
-        count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
-        copy_root_files([plan.checkpoint.config_file, *plan.checkpoint.extra_files], tmp)
+    config_file = plan.checkpoint.config_file
+    expected = ExpectedModelKeys(config_file) if config_file is not None else None  # `loadability`
+    try:
+        with atomic_output_dir(output_dir, overwrite=o.overwrite, inputs=[checkpoint_dir]) as tmp:
+            count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
+            copy_root_files([config_file, *plan.checkpoint.extra_files], tmp)
+            if expected is not None:
+                mismatch_error([t.name for t in plan.tensors], *expected.result(), output_dir)
+    finally:
+        if expected is not None:
+            expected.cancel()
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")
 
 

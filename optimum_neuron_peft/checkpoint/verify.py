@@ -20,8 +20,9 @@ import torch
 from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict
-from .lazy import LazyTensor, open_safetensors
 from ..utils.safe_paths import check_inside
+from .lazy import LazyTensor, open_safetensors
+from .loadability import check_adapter_keys, check_model_keys
 from .schemas import read_index_files
 from .source import checked
 from .torch_zip import open_torch_state_dict
@@ -105,13 +106,7 @@ def verify_targets(targets, output_root: str | os.PathLike, dtype: torch.dtype |
     count = nbytes = 0
     for target in targets:
         directory = check_inside(output_root, Path(output_root) / target.subdir)
-        opened = open_output(directory, target.kind)
-        extra = sorted(set(opened) - {p.name for p in target.plans})
-        if extra:
-            raise CheckpointError(
-                f"{directory}: consolidated output holds tensor '{extra[0]}' that the checkpoint does not produce"
-                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
-            )
+        opened = open_output(directory, target.kind)  # extra tensors: `check_loadable`
         for plan in target.groups:
             stage, group = plan.stage, plan.group
             originals = {}
@@ -156,5 +151,22 @@ def verify(
     from .consolidate import parse_dtype, plan_consolidation
 
     cast = parse_dtype(dtype)
-    _, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
-    return verify_targets(targets, consolidated_dir, dtype=cast)
+    checkpoint, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
+    result = verify_targets(targets, consolidated_dir, dtype=cast)
+    check_loadable(targets, Path(consolidated_dir), checkpoint.config_file)
+    return result
+
+
+def check_loadable(targets, output_root: Path, config_file: Path | None) -> None:
+    """Every output holds exactly the keys Transformers / PEFT load (`loadability`); no extra tensor either."""
+    for target in targets:
+        directory = output_root / target.subdir
+        keys = set(open_output(directory, target.kind))
+        planned = {plan.name for plan in target.plans}
+        extra = sorted(keys - planned)
+        if extra:
+            raise CheckpointError(f"{directory}: holds tensors the checkpoint does not, e.g. {extra[:3]}")
+        if target.kind == "adapter":
+            check_adapter_keys(keys, directory, config_file)
+        elif config_file is not None:
+            check_model_keys(keys, config_file, directory)

@@ -159,7 +159,7 @@ class ParallelForCausalLM(nn.Module):
         return model_transformation_specs(self)
 
     def parameters_metadata(self) -> dict[str, Any]:
-        """Tensor-parallel metadata of the parameters and specs (FORMATS.md section 3)."""
+        """Tensor-parallel metadata of the parameters and specs (docs/checkpoint_formats.md section 3)."""
         return create_parameter_metadata(self)
 
     def sharded_state_dict(self) -> dict[str, torch.Tensor]:

@@ -127,7 +127,7 @@ class ParallelPlan:
 
     def gate_up_projection(self, config: ArchitectureConfig) -> tuple[ColumnParallelLinear, FusedLinearsSpec]:
         I = config.intermediate_size
-        # stride 2: rank r holds [gate_r; up_r], the layout of FusedLinearsSpec (FORMATS.md section 2).
+        # stride 2: rank r holds [gate_r; up_r], the layout of FusedLinearsSpec (docs/checkpoint_formats.md section 2).
         layer = ColumnParallelLinear(
             config.hidden_size, 2 * I, bias=config.mlp_bias, gather_output=False, stride=2,
             sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),

@@ -1,4 +1,4 @@
-"""Tensor-parallel attributes carried by parameters (FORMATS.md section 2) and sequence-parallel gradient sync.
+"""Tensor-parallel attributes carried by parameters (docs/checkpoint_formats.md section 2) and sequence-parallel gradient sync.
 
 The four attribute names are those of neuronx-distributed / Megatron, so checkpoints and tools written for either
 read our parameters unchanged: ``tensor_model_parallel``, ``partition_dim``, ``partition_stride``,

@@ -2,7 +2,7 @@
 
 When tp exceeds the number of key/value heads K, every K/V head is replicated ``kv_size_multiplier`` (m) times so
 each rank holds whole heads: rank r holds H/tp query heads and K*m/tp key/value head slots, slot j holding the
-original head ``kv_head_indices_for_rank(tp, r, K, m, layout)[j]`` (FORMATS.md section 2; checkpoint loading puts
+original head ``kv_head_indices_for_rank(tp, r, K, m, layout)[j]`` (docs/checkpoint_formats.md section 2; checkpoint loading puts
 the permuted query heads in place, this layer only projects).
 
 Gradient reduction of the replicas. A replica's gradient only covers the query heads it serves, yet all m replicas

@@ -1,6 +1,6 @@
 """Tensor-parallel linear and embedding layers (neuronx-distributed compatible parameter names and attributes).
 
-Shapes per rank (FORMATS.md section 2):
+Shapes per rank (docs/checkpoint_formats.md section 2):
 
 - `ColumnParallelLinear`: ``weight`` (out/tp, in), ``bias`` (out/tp); partition_dim 0.
 - `RowParallelLinear`: ``weight`` (out, in/tp), partition_dim 1; ``bias`` (out) full and replicated, added after

@@ -1,6 +1,6 @@
 """LoRA layers for the tensor-parallel layers, plugged into PEFT through its custom-module dispatch.
 
-The sharding rule, written once (FORMATS.md section 2, STYLE.md point 7):
+The sharding rule, written once (docs/checkpoint_formats.md section 2):
 
 - column-parallel base (output rows sharded): lora_A is replicated, lora_B is sharded like the base rows (dim 0).
   The rank-r activation ``h = x A^T`` is identical on every rank, but each rank only sees the gradient flowing back

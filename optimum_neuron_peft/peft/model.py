@@ -69,7 +69,7 @@ def local_adapter_state_dict(model: nn.Module, adapter_name: str = "default") ->
 
 
 def adapter_metadata(model: nn.Module, adapter_name: str = "default") -> dict[str, Any]:
-    """FORMATS.md section 3 metadata of the inner model: every parameter with its adapter name, only this adapter's
+    """docs/checkpoint_formats.md section 3 metadata of the inner model: every parameter with its adapter name, only this adapter's
     LoRA parameters, and the specs (with ``peft_type``)."""
     inner = unwrap_model(model)
     specialize_transformation_specs_for_model(inner)

@@ -98,7 +98,7 @@ class ModelWeightTransformationSpec(ABC):
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """{custom name: [tensor per rank]} -> (original full weights, custom names consumed)."""
 
-    # -- serialization (FORMATS.md section 3: ["ClassName", {fields..., "peft_type": ...}]) --------------------
+    # -- serialization (docs/checkpoint_formats.md section 3: ["ClassName", {fields..., "peft_type": ...}]) --------------------
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: copy.deepcopy(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "peft_type"}
@@ -205,7 +205,7 @@ class ModelWeightTransformationSpecs:
         return original, consumed
 
     def to_metadata(self, parameters_for_current_stage: set[str] | None = None) -> dict[str, Any]:
-        """JSON-ready entry of ``model_weight_transformation_specs`` (FORMATS.md section 3).
+        """JSON-ready entry of ``model_weight_transformation_specs`` (docs/checkpoint_formats.md section 3).
 
         With ``parameters_for_current_stage`` (pipeline parallelism), specs touching none of them are left out.
         """

@@ -1,6 +1,6 @@
 """`GQAQKVColumnParallelLinearSpec`: q/k/v projections -> the GQA QKV column-parallel layer, and o_proj permuted.
 
-Per rank (FORMATS.md section 2): q rows = H*hd/tp, in the query-head order of `gqa_layout`; k and v rows =
+Per rank (docs/checkpoint_formats.md section 2): q rows = H*hd/tp, in the query-head order of `gqa_layout`; k and v rows =
 K*m*hd/tp, the rank's chunk of the m-times replicated key/value heads; with ``fuse_qkv`` one ``weight_qkv`` =
 [q; k; v]. ``o_proj`` (row parallel) holds the columns of the same query heads, in the same order; its bias is
 neither sharded nor permuted and is left to the generic path.

@@ -1,4 +1,4 @@
-"""Tensor-parallel parameter metadata in the schema of FORMATS.md section 3, and its (de)serialization.
+"""Tensor-parallel parameter metadata in the schema of docs/checkpoint_formats.md section 3, and its (de)serialization.
 
     {"parameters": {name: {"tensor_model_parallel": true, "partition_dim": 0, "partition_stride": 1,
                            "num_partitions": 4} | {"tensor_model_parallel": false}},

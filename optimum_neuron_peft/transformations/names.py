@@ -14,6 +14,9 @@ LORA_MODULE_NAMES = frozenset({"lora_A", "lora_B", "lora_embedding_A", "lora_emb
 # in a saved adapter, so a single component after them is the adapter name.
 LORA_PARAMETER_DICT_NAMES = frozenset({"lora_embedding_A", "lora_embedding_B"})
 BASE_LAYER = "base_layer"
+# Names inside a ``PeftModel`` start with this (``base_model`` is the LoraModel, ``model`` the wrapped Transformers
+# model); a saved PEFT adapter keeps it on every key, exactly once.
+PEFT_WRAPPER_PREFIX = "base_model.model."
 
 
 def _lora_component(parts: list[str]) -> int | None:

@@ -1,6 +1,6 @@
 """Pure tensor functions that shard full tensors for one tensor-parallel rank and rebuild them from all ranks.
 
-The layout is neuronx-distributed's (FORMATS.md section 2): sharding with stride s along dim d splits the full
+The layout is neuronx-distributed's (docs/checkpoint_formats.md section 2): sharding with stride s along dim d splits the full
 tensor into tp * s equal chunks along d and rank r takes chunks r, r + tp, r + 2tp, ... concatenated.
 
 Sources may be real tensors or lazy slices of memory-mapped files (anything with ``.shape`` or ``get_shape()``

@@ -18,6 +18,7 @@ from optimum_neuron_peft.checkpoint.save import AdapterShards, save_sharded_chec
 from optimum_neuron_peft.checkpoint.synthetic import (
     LORA_TARGETS,
     llama_layout,
+    merge_adapter_metadata,
     optimum_neuron_lora_metadata,
     peft_state_dict_to_plain,
     to_optimum_neuron_lora,
@@ -107,13 +108,37 @@ def write_optimum_neuron(root: Path, tp: int, pp: int = 1, *, serialization="pla
             config=config.to_dict(), metadata_format=metadata_format,
         )
     if adapter is not None:
-        state, cfg = adapter
-        layout = llama_layout(llama_config(), tp, pp_size=pp, lora_target_modules=LORA_TARGETS)
-        ranks = ((key, to_optimum_neuron_lora(local)) for key, local in layout.rank_state_dicts(peft_state_dict_to_plain(state)))
-        metadata = {pp_: optimum_neuron_lora_metadata(m, adapter_name) for pp_, m in layout.metadata_per_pp(adapter_name).items()}
+        write_optimum_neuron_adapters(root, llama_config(), tp, {adapter_name: adapter}, pp=pp, serialization=serialization)
+    return root
+
+
+def write_optimum_neuron_adapters(
+    root: Path, config, tp: int, adapters: dict, *, pp: int = 1, serialization="plain", kv_size_multiplier=None,
+    fuse_qkv=False, mha_fused_qkv=False, write_config=True,
+) -> Path:
+    """Every adapter of ``adapters`` ({name: (PEFT state dict with shared lora_A, adapter_config)}) as optimum-neuron's
+    ``NeuronPeftModel.save_pretrained`` writes them: one ``adapter_<name>/`` each, rank files holding that adapter's
+    tensors, and every adapter's metadata listing the parameters of all adapters (pinned against the reference sample
+    by test_optimum_neuron_sample.py)."""
+    targets = sorted({t for _, cfg in adapters.values() for t in cfg["target_modules"]})
+    layout = llama_layout(
+        config, tp, pp_size=pp, kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv, mha_fused_qkv=mha_fused_qkv,
+        lora_target_modules=targets,
+    )
+    metadata = {
+        stage: merge_adapter_metadata(
+            optimum_neuron_lora_metadata(layout.metadata(stage, name), name, fuse_qkv=fuse_qkv) for name in adapters
+        )
+        for stage in range(pp)
+    }
+    for name, (state, cfg) in adapters.items():
+        ranks = (
+            (key, to_optimum_neuron_lora(local, fuse_qkv=fuse_qkv))
+            for key, local in layout.rank_state_dicts(peft_state_dict_to_plain(state))
+        )
         write_optimum_neuron_checkpoint(
-            root, ranks, metadata, serialization=serialization, adapter_name=adapter_name, adapter_config=cfg,
-            config=llama_config().to_dict(),
+            root, ranks, metadata, serialization=serialization, adapter_name=name, adapter_config=cfg,
+            config=config.to_dict() if write_config else None,
         )
     return root
 

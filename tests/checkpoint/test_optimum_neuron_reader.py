@@ -1,4 +1,4 @@
-"""Writer -> discovery -> lazy reading of optimum-neuron training checkpoints (FORMATS.md section 3)."""
+"""Writer -> discovery -> lazy reading of optimum-neuron training checkpoints (docs/checkpoint_formats.md section 3)."""
 
 from __future__ import annotations
 
@@ -155,11 +155,14 @@ def test_adapter_layout(tmp_path):
     assert adapter.adapter_name == "default" and adapter.tp_size == TP and adapter.serialization == "xser"
     assert adapter.directory == tmp_path / "adapter_default" / "adapter_shards"
     assert json.loads(adapter.adapter_config.read_text()) == lora_config
-    lazy = open_rank_file(adapter.rank_files[(1, 0)])
-    # Metadata names carry the adapter name, rank files do not: the helper bridges them.
+    lazy = open_rank_file(adapter.rank_files[(1, 0)])  # keys as on disk: named from the PEFT wrapper
+    # Discovery removed the wrapper prefix from the metadata and recorded it; metadata names carry the adapter name,
+    # rank files do not: the helper bridges them.
+    assert adapter.key_prefix == "base_model.model."
+    assert all(not n.startswith("base_model.") for n in adapter.metadata[0]["parameters"])
     keys = {adapter_key_from_metadata_name(n, "default") for n in adapter.metadata[0]["parameters"]} - {None}
-    assert keys == set(lazy)
-    assert torch.equal(lazy[f"{layer}.self_attn.qkv_proj.lora_B.weight_q"].load(), torch.full((3, 4), 11.0))
+    assert {adapter.key_prefix + k for k in keys} == set(lazy)
+    assert torch.equal(lazy[f"base_model.model.{layer}.self_attn.qkv_proj.lora_B.weight_q"].load(), torch.full((3, 4), 11.0))
 
 
 def test_adapter_only_checkpoint_and_root_files(tmp_path):

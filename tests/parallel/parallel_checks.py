@@ -1,7 +1,7 @@
 """Checks of the tensor-parallel runtime against single-device references, runnable at any tp size.
 
 Each check builds the FULL weights and inputs from fixed seeds (identical on every rank), shards them by hand with
-the partition rules of FORMATS.md section 2, runs the parallel layer on this rank's shard and asserts that outputs
+the partition rules of docs/checkpoint_formats.md section 2, runs the parallel layer on this rank's shard and asserts that outputs
 and gradients equal this rank's part of the single-device reference (torch.nn.functional). A failed comparison
 raises AssertionError. Data-moving operations are compared bit-exactly.
 
@@ -56,7 +56,7 @@ def rand(seed: int, *shape: int) -> torch.Tensor:
 
 
 def shard(full: torch.Tensor, dim: int, size: int, rank: int, stride: int = 1) -> torch.Tensor:
-    """FORMATS.md 2: chunks of size_per_rank / stride along ``dim``; rank r takes chunks r, r+tp, ..."""
+    """docs/checkpoint_formats.md section 2: chunks of size_per_rank / stride along ``dim``; rank r takes chunks r, r+tp, ..."""
     chunk = full.shape[dim] // size // stride
     return torch.cat(full.split(chunk, dim=dim)[rank::size], dim=dim)
 

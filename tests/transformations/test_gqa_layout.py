@@ -13,7 +13,8 @@ from optimum_neuron_peft.transformations.gqa_layout import (
     valid_kv_size_multipliers,
 )
 
-REFERENCE = Path(__file__).resolve().parents[3] / "shared" / "reference" / "gqa_query_heads_per_rank.json"
+# Per-rank query heads of neuronx-distributed's GQA layer for four configurations (see tests/fixtures/README.md).
+REFERENCE = Path(__file__).resolve().parents[1] / "fixtures" / "gqa_query_heads_per_rank.json"
 
 
 def reference_cases():

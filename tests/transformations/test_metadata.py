@@ -1,4 +1,4 @@
-"""Metadata in the FORMATS.md section 3 schema: fixture -> specs -> JSON is lossless, and a real consolidation."""
+"""Metadata in the docs/checkpoint_formats.md section 3 schema: fixture -> specs -> JSON is lossless, and a real consolidation."""
 
 import json
 from pathlib import Path

@@ -1,0 +1,205 @@
+"""Never publish what Transformers or PEFT would not load: the key set of a consolidated directory, checked against
+the keys the library itself expects.
+
+The expected keys come from the libraries, not from our own idea of them: a model built by
+``AutoModelForCausalLM.from_config`` on the meta device (no memory, a fraction of a second even for 8B) from the
+checkpoint's ``config.json``, and for an adapter, ``peft.get_peft_model`` of that model with the adapter's
+``adapter_config.json`` as PEFT reads it, then ``get_peft_model_state_dict`` (what ``PeftModel.from_pretrained``
+loads). Without a ``config.json`` (optimum-neuron writes adapter-only checkpoints without one), an adapter gets the
+structural check that needs no model: one ``base_model.model.`` prefix, ``lora_A``/``lora_B`` pairs, only targeted
+modules.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import CheckpointError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
+
+_SHOWN = 3  # example keys named in an error
+
+
+def _meta_model(config_file: Path):
+    import torch
+    import transformers
+
+    try:
+        fields = json.loads(Path(config_file).read_text(encoding="utf-8"))
+        config = transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{config_file}: expected a Transformers config with a known model_type ({err})") from None
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
+
+
+def expected_model_keys(config_file: Path) -> tuple[set[str], set[str]]:
+    """``(required, allowed)`` state-dict keys of ``AutoModelForCausalLM`` for ``config_file``: tied weights (e.g.
+    ``lm_head.weight`` with ``tie_word_embeddings``) are allowed but not required, as Transformers re-ties them."""
+    model = _meta_model(config_file)
+    allowed = set(model.state_dict())
+    owned = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return allowed & owned, allowed
+
+
+def expected_adapter_keys(config_file: Path, adapter_dir: Path) -> set[str]:
+    """Keys ``PeftModel.from_pretrained`` loads for the adapter config in ``adapter_dir`` on that model."""
+    import peft
+
+    try:
+        lora = peft.PeftConfig.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: PEFT cannot read it ({err})") from None
+    model = peft.get_peft_model(_meta_model(config_file), lora)
+    return set(peft.get_peft_model_state_dict(model))
+
+
+def _mismatch(where: Path, what: str, keys: set[str], required: set[str], allowed: set[str]) -> None:
+    unexpected, missing = sorted(keys - allowed), sorted(required - keys)
+    if not unexpected and not missing:
+        return
+    parts = []
+    if unexpected:
+        parts.append(f"{len(unexpected)} keys it does not expect (e.g. {unexpected[:_SHOWN]})")
+    if missing:
+        parts.append(f"{len(missing)} keys it expects are missing (e.g. {missing[:_SHOWN]})")
+    raise CheckpointError(f"{where}: {what} would not load this output: {' and '.join(parts)}")
+
+
+def check_model_keys(keys: Iterable[str], config_file: Path, where: Path) -> None:
+    """One-line `CheckpointError` unless ``keys`` is what ``AutoModelForCausalLM`` loads for ``config_file``."""
+    required, allowed = expected_model_keys(config_file)
+    _mismatch(where, "AutoModelForCausalLM.from_pretrained", set(keys), required, allowed)
+
+
+def check_adapter_keys(keys: Iterable[str], adapter_dir: Path, config_file: Path | None, shown_as: Path | None = None) -> None:
+    """One-line `CheckpointError` unless ``keys`` (of ``adapter_dir``'s weights) is what PEFT loads: exactly the
+    expected set when ``config_file`` gives the base architecture, else the structural rules (module docstring).
+    ``shown_as``: the directory to name in the error (the published one, when ``adapter_dir`` is temporary)."""
+    keys = set(keys)
+    where = (shown_as or adapter_dir) / "adapter_model.safetensors"
+    check_adapter_structure(keys, adapter_dir, where)
+    if config_file is not None:
+        expected = expected_adapter_keys(config_file, adapter_dir)
+        _mismatch(where, "PeftModel.from_pretrained", keys, expected, expected)
+
+
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<lora>lora_A|lora_B)\.weight")
+
+
+def check_adapter_structure(keys: set[str], adapter_dir: Path, where: Path) -> None:
+    try:
+        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: expected the adapter's config ({err})") from None
+    targets = config.get("target_modules") if isinstance(config, dict) else None
+    pairs: dict[str, set[str]] = {}
+    for key in sorted(keys):
+        match = _LORA_KEY.fullmatch(key)
+        if not key.startswith(PEFT_WRAPPER_PREFIX) or key.startswith(PEFT_WRAPPER_PREFIX * 2) or match is None:
+            raise CheckpointError(
+                f"{where}: PEFT would not load key {key!r}: expected '{PEFT_WRAPPER_PREFIX}<module>.lora_A.weight' or "
+                f"'...lora_B.weight' with the prefix exactly once"
+            )
+        module = match["module"][len(PEFT_WRAPPER_PREFIX) :]
+        if not targeted(targets, module):
+            raise CheckpointError(f"{where}: key {key!r} is for module {module!r}, which target_modules {targets} does not target")
+        pairs.setdefault(module, set()).add(match["lora"])
+    unpaired = sorted(m for m, loras in pairs.items() if loras != {"lora_A", "lora_B"})
+    if unpaired:
+        raise CheckpointError(f"{where}: expected a lora_A and a lora_B for every module, found only one for {unpaired[:_SHOWN]}")
+
+
+def targeted(target_modules, module: str) -> bool:
+    """PEFT's matching: a string is a regex over the full module name, a list matches a name or a name's suffix."""
+    if target_modules in (None, "all-linear"):
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith(f".{t}") for t in target_modules)
+
+
+def mismatch_error(keys: Iterable[str], required: Iterable[str], allowed: Iterable[str], where: Path) -> None:
+    """`check_model_keys` with the expected sets already computed (by `expected_model_keys_in_subprocess`)."""
+    _mismatch(where, "AutoModelForCausalLM.from_pretrained", set(keys), set(required), set(allowed))
+
+
+class ExpectedModelKeys:
+    """`expected_model_keys` for the torch-free engine, which keeps torch out of its own process (seconds of imports):
+    read from a cache keyed by the config's bytes and the Transformers version, else computed by a child process
+    started now, on the other core while the bytes are copied. `result()` gives ``(required, allowed)``."""
+
+    def __init__(self, config_file: Path) -> None:
+        import hashlib
+        import os
+        import subprocess
+        import sys
+        from importlib.metadata import PackageNotFoundError, version
+
+        self._config_file = Path(config_file)
+        try:
+            key = hashlib.sha256(self._config_file.read_bytes() + version("transformers").encode()).hexdigest()
+        except (OSError, PackageNotFoundError) as err:
+            raise CheckpointError(f"{config_file}: cannot compute the keys Transformers expects ({err})") from None
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimum-neuron-peft" / "expected-keys"
+        self._cache_file = cache / f"{key}.json"
+        self._cached = _read_json(self._cache_file)
+        self._child = None
+        if self._cached is None:
+            self._child = subprocess.Popen(
+                [sys.executable, "-m", __name__, str(config_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )
+
+    def result(self) -> tuple[set[str], set[str]]:
+        found = self._cached
+        if found is None:
+            out, err = self._child.communicate()
+            if self._child.returncode != 0:
+                last = (err.strip().splitlines() or ["no output"])[-1]
+                raise CheckpointError(f"{self._config_file}: could not compute the keys Transformers expects ({last})")
+            found = json.loads(out)
+            _write_json_atomically(self._cache_file, found)
+        return set(found["required"]), set(found["allowed"])
+
+    def cancel(self) -> None:
+        if self._child is not None and self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(found, dict) and all(isinstance(found.get(k), list) for k in ("required", "allowed"))
+    return found if ok else None
+
+
+def _write_json_atomically(path: Path, value: dict) -> None:
+    import os
+    import tempfile
+
+    try:  # a cache: failing to write it costs only time next run
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(value, handle)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":  # the child of `ExpectedModelKeys`
+    import sys
+
+    try:
+        required, allowed = expected_model_keys(Path(sys.argv[1]))
+    except CheckpointError as error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"required": sorted(required), "allowed": sorted(allowed)}))
