@@ -241,6 +241,11 @@ def atomic_output_dir(
             else:
                 os.rename(tmp, output_dir)
             _fsync_dir(output_dir.parent)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if err.filename is None and err.errno is not None:  # a failed write names no file: name the output
+                raise OSError(err.errno, err.strerror or str(err), str(output_dir)) from None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -3,6 +3,7 @@ runs, umask permissions, --debug, Ctrl-C while a command's modules are imported.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -115,3 +116,13 @@ def test_unexpected_error_is_one_line(capsys, monkeypatch, tmp_path):
     assert cli.main(["verify"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: RuntimeError: line one line two") and "--debug" in err
+
+
+def test_a_write_error_without_a_file_name_names_the_output(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as caught:
+        with atomic_output_dir(out) as tmp:
+            (tmp / "partial").write_text("x")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a failed write() raises: no file name
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
+    assert [p.name for p in tmp_path.iterdir()] == []  # temporary and lock removed, nothing published
