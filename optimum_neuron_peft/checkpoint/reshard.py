@@ -32,7 +32,7 @@ from ..transformations.names import add_adapter_name, remove_adapter_name, split
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
-from .schemas import MODEL_CONFIG_SCHEMA, read_index_files
+from .schemas import ADAPTER_CONFIG_SCHEMA, MODEL_CONFIG_SCHEMA, read_index_files
 from .consolidate import original_weights
 from .lazy import LazyTensor, open_safetensors
 from .optimum_neuron import ADAPTER_CONFIG, _ROOT_FILES
@@ -262,6 +262,9 @@ def reshard(
         for part in select_parts(checkpoint, None, source_format_of(checkpoint)):
             parts.append((part.adapter_name, _stages_from_part(part, tp_size), part.adapter_config))
         root_files = [p for p in [checkpoint.config_file, *checkpoint.extra_files] if p is not None]
+    for _, _, adapter_config in parts:  # copied as it is: validated as consolidation will read it
+        if adapter_config is not None:
+            read_json(adapter_config, ADAPTER_CONFIG_SCHEMA, error=CheckpointError)
     # Validate the new layout before any output exists: plans run every group through the new specs.
     pp_size = max(len(stages) for _, stages, _ in parts)
     for adapter_name, stages, _ in parts:

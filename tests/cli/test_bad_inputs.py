@@ -290,6 +290,11 @@ def adapter_config_string_rank(ws):
     return ["merge", "combine", ws / "a1", ws / "a2", "--weights", "1", "1", "-o", ws / "out"]
 
 
+def reshard_adapter_config_wrong_type(ws):
+    edit_json(ws / "on" / "adapter_default" / "adapter_config.json", lambda c: c.update(lora_alpha="8"))
+    return ["reshard", ws / "on", ws / "out", "--tp-size", "1"]
+
+
 def adapter_config_string_flag(ws):
     edit_json(ws / "a1" / "adapter_config.json", lambda c: c.update(use_rslora="false"))
     return ["merge", "into-base", ws / "base", ws / "a1", "-o", ws / "out"]
@@ -356,6 +361,7 @@ CASES = [
     Case("reshard-bad-config", reshard_bad_config, 2, "config.json: field 'hidden_size': expected an integer >= 1, found string '32'"),
     Case("reshard-bad-index", reshard_bad_index, 2, "weight_map.lm_head.weight': expected a string, found integer 5"),
     Case("adapter-config-string-r", adapter_config_string_rank, 2, "adapter_config.json: field 'r': expected an integer"),
+    Case("reshard-adapter-config-type", reshard_adapter_config_wrong_type, 2, "lora_alpha': expected a finite number, found string '8'"),
     Case("adapter-config-string-flag", adapter_config_string_flag, 2, "use_rslora': expected a boolean (true/false), found string 'false'"),
     Case("malicious-adapter-bin", malicious_adapter_bin, 2, "adapter_model.bin: cannot be read safely with weights_only=True"),
     Case("enospc", _fault(errno.ENOSPC), 1, "model.safetensors: No space left on device (ENOSPC)"),
