@@ -25,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "merge": ("optimum_neuron_peft.cli.merge", "combine adapters (TIES, DARE, SVD...) or merge one into base weights"),
 }
 
+DEBUG_ENV = "OPTIMUM_NEURON_PEFT_DEBUG"  # set to 1 (or pass --debug) to see the traceback of an error
+EXIT_OK, EXIT_FAULT, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
+
 
 def _implemented(module_name: str) -> bool:
     try:
@@ -40,6 +43,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="optimum-neuron-peft",
         description="Tensor-parallel LoRA fine-tuning tools: consolidation, resharding, merging, demo.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (anywhere on the command line; or {DEBUG_ENV}=1)")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
@@ -53,8 +58,6 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-DEBUG_ENV = "OPTIMUM_NEURON_PEFT_DEBUG"  # set to 1 (or pass --debug) to see the traceback of an error
-EXIT_OK, EXIT_FAULT, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 130
 _MAX_MESSAGE = 1000
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -30,6 +31,7 @@ except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
 _TMP_MARK = ".tmp-"
+_LOCKS_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 _LOCK_SUFFIX = ".lock"
 
 
@@ -103,6 +105,13 @@ def _acquire(path: Path, output_dir: Path) -> int:
                 f"{output_dir}: another run (pid {other}) is writing this output directory; wait for it to finish "
                 f"or choose another output"
             ) from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in _LOCKS_UNSUPPORTED:  # e.g. some network file systems: run unlocked, as before locks
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                return -1
+            raise
         except BaseException:
             os.close(fd)
             raise
