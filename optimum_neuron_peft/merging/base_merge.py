@@ -18,9 +18,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import MergeError
 from ..checkpoint.schemas import read_index_files
 from ..checkpoint.stored import read_safetensors_header
+from ..errors import MergeError
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from .adapter_io import LoraModule, load_adapter
 from .device import resolve_device
@@ -44,6 +44,7 @@ class _Shard:
 
 
 def _read_header(path: Path) -> _Shard:
+    read_safetensors_header(path)  # validated first, as strictly as the safetensors library (truncated data included)
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
@@ -51,9 +52,6 @@ def _read_header(path: Path) -> _Shard:
         header = json.loads(raw)
     except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MergeError(f"{path}: not a readable safetensors file ({e})") from e
-    if not isinstance(header, dict):
-        raise MergeError(f"{path}: expected a JSON object as safetensors header, found {type(header).__name__}")
-    read_safetensors_header(path)  # validated as strictly as the safetensors library (truncated data included)
     header.pop("__metadata__", None)
     return _Shard(path=path, header_bytes=struct.pack("<Q", length) + raw, entries=header)
 
