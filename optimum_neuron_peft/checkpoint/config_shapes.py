@@ -14,11 +14,11 @@ import re
 from typing import Iterable
 
 from ..errors import CheckpointError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.schema import read_json
 from .schemas import MODEL_CONFIG_SCHEMA
 
 _LAYER = re.compile(r"(?:.*\.)?layers\.\d+\.(self_attn|mlp)\.(\w+_proj)")
-PEFT_PREFIX = "base_model.model."
 
 
 def _linear_shapes(config: dict) -> dict[str, tuple[int, int]] | None:
@@ -47,7 +47,7 @@ def check_config_shapes(config_file: str | os.PathLike | None, tensors: Iterable
     if linears is None:
         return
     for name, shape in tensors:
-        bare = name.removeprefix(PEFT_PREFIX)
+        bare = name.removeprefix(PEFT_WRAPPER_PREFIX)
         match = _LAYER.match(bare)
         if match is None or match.group(2) not in linears:
             continue

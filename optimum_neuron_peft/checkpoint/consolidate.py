@@ -38,13 +38,13 @@ from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
-from .schemas import ADAPTER_CONFIG_SCHEMA
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
 from .config_shapes import check_config_shapes
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
 from .loadability import check_adapter_keys, check_model_keys, targeted
 from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
+from .schemas import ADAPTER_CONFIG_SCHEMA
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
 from .torch_free import ENGINES, try_consolidate

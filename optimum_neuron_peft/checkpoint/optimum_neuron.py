@@ -23,7 +23,6 @@ files are opened (:func:`strip_key_prefix`).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from dataclasses import dataclass, field

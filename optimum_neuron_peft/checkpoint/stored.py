@@ -8,7 +8,6 @@ Both validate the layout here, once, so a bad file fails the same way whichever 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import struct

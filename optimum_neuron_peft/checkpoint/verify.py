@@ -9,7 +9,6 @@ per-projection tensors are re-fused; the duplicated lora_A copies must agree).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass

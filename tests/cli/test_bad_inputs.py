@@ -7,9 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import shutil
-import signal
 import subprocess
 import sys
 import zipfile
