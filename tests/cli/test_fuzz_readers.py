@@ -5,6 +5,9 @@ MemoryError, no traceback in the CLI)."""
 from __future__ import annotations
 
 import json
+import os
+import math
+import struct
 import tempfile
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from optimum_neuron_peft.merging.adapter_io import load_adapter
 from optimum_neuron_peft.transformations.metadata import parse_metadata
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
-FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "120")), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 WORK = Path(tempfile.mkdtemp(prefix="fuzz-readers-"))
 
 
@@ -136,6 +139,50 @@ def test_xser_reference(data):
             (tensors_dir / member.name).write_bytes(member.read_bytes())
     path = _write("fuzz_xser.pt", data)
     _only_our_errors(lambda: [t.load() for t in open_rank_file(path).values()])
+
+
+@st.composite
+def safetensors_files(draw) -> bytes:
+    """Structurally plausible safetensors files: right, or with overlapping, gapped, duplicate, fractional or
+    negative offsets, wrong sizes, odd metadata, missing or trailing bytes."""
+    header: dict = {}
+    if draw(st.booleans()):
+        header["__metadata__"] = draw(st.sampled_from([{"format": "pt"}, {"n": 1}, None, [], {}]))
+    offset = 0
+    for i in range(draw(st.integers(0, 3))):
+        dtype, size = draw(st.sampled_from([("F32", 4), ("BF16", 2), ("I64", 8), ("U8", 1)]))
+        shape = draw(st.lists(st.integers(0, 3), max_size=3))
+        nbytes = size * math.prod(shape)
+        begin = offset + draw(st.sampled_from([0, 0, 0, -1, 1, -offset]))
+        end = begin + nbytes + draw(st.sampled_from([0, 0, 0, 1, -1]))
+        offsets = draw(st.sampled_from([[begin, end], [begin, end], [float(begin), end], [begin, end + 0.5], [begin]]))
+        header[f"t{i}"] = {"dtype": dtype, "shape": shape, "data_offsets": offsets}
+        offset = max(offset, end)
+    text = json.dumps(header).encode()
+    text += b" " * draw(st.sampled_from([0, -len(text) % 8]))
+    data = bytes(max(offset + draw(st.sampled_from([0, 0, 0, 1, -1])), 0))
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@FUZZ
+@given(safetensors_files())
+def test_safetensors_header_is_exactly_as_strict_as_the_library(data):
+    from safetensors import safe_open
+
+    path = _write("strict.safetensors", data)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                handle.get_tensor(name)
+        library_accepts = True
+    except Exception:  # noqa: BLE001 - the library's verdict
+        library_accepts = False
+    try:
+        read_safetensors_header(path)
+        we_accept = True
+    except OptimumNeuronPeftError:
+        we_accept = False
+    assert we_accept == library_accepts
 
 
 def _read_metadata(path: Path) -> None:
