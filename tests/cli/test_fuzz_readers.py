@@ -4,8 +4,10 @@ MemoryError, no traceback in the CLI)."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import math
 import struct
 import tempfile
@@ -29,7 +31,8 @@ from optimum_neuron_peft.transformations.metadata import parse_metadata
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "120")), deadline=None, suppress_health_check=list(HealthCheck), database=None)
-WORK = Path(tempfile.mkdtemp(prefix="fuzz-readers-"))
+WORK = Path(tempfile.mkdtemp(prefix="fuzz-readers-"))  # one directory for every example (hypothesis reruns a test)
+atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
 def _valid_files() -> dict[str, bytes]:
