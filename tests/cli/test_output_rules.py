@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,35 @@ def test_a_write_error_without_a_file_name_names_the_output(tmp_path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a failed write() raises: no file name
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(out)
     assert [p.name for p in tmp_path.iterdir()] == []  # temporary and lock removed, nothing published
+
+
+def test_two_real_runs_into_one_output(tmp_path, capsys):
+    """The second run fails at once naming the first; the first is untouched and publishes a complete output."""
+    sys.path.insert(0, str(REPO / "tests" / "checkpoint"))
+    import torch
+    from consolidation_helpers import model_state, write_ours
+
+    from optimum_neuron_peft.checkpoint.consolidation import SLEEP_ENV
+
+    write_ours(tmp_path / "ckpt", 2, model=model_state(torch.float32))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "optimum_neuron_peft", "consolidate", str(tmp_path / "ckpt"), str(out), "--engine", "torch"]
+    first = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO), SLEEP_ENV: "0.1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert first.poll() is None, first.communicate()
+        assert cli.main(["consolidate", str(tmp_path / "ckpt"), str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {out}: another run (pid {first.pid}) is writing this output directory; wait for it "
+                       "to finish or choose another output\n")  # fmt: skip
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, stderr
+    assert stdout.startswith("consolidated ")
+    assert cli.main(["verify", str(tmp_path / "ckpt"), str(out)]) == 0  # complete and bit-exact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
