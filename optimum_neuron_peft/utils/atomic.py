@@ -70,9 +70,8 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, inputs: Ite
 
 @dataclass
 class _Held:
-    fd: int
+    fd: int  # -1 where the file system has no flock
     path: Path
-    count: int = 1
     created: list[Path] = field(default_factory=list)  # parent directories this run created (removed if left empty)
 
 
@@ -134,12 +133,8 @@ def output_lock(output_dir: str | os.PathLike) -> Iterator[Path]:
     end); re-entrant within a process. Raises `OutputBusyError` at once if another process holds it."""
     output_dir = Path(os.path.abspath(output_dir))
     key = str(output_dir)
-    if key in _held:
-        _held[key].count += 1
-        try:
-            yield output_dir
-        finally:
-            _held[key].count -= 1
+    if key in _held:  # the command holds it and the library's atomic write takes it again
+        yield output_dir
         return
     created = _make_parents(output_dir.parent)
     path = lock_path(output_dir)
