@@ -13,6 +13,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import SpecError
+from ..utils.schema import parse_json
 from .base import CustomModule, ModelWeightTransformationSpecs
 from .names import remove_adapter_name, remove_base_layer
 
@@ -98,9 +99,6 @@ def metadata_to_json(metadata: Mapping[str, Any]) -> str:
 
 
 def metadata_from_json(text: str, *, where: str = "metadata") -> dict[str, Any]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SpecError(f"{where}: not valid JSON ({e})") from None
+    data = parse_json(text, file=where, error=SpecError)  # strict: bounded nesting, no duplicate keys, no NaN
     parse_metadata(data, where=where)
     return data

@@ -230,7 +230,7 @@ def parse_json(data: bytes | str, *, file: str | os.PathLike, error: ErrorType =
     except RecursionError:
         raise error(f"{file}: expected JSON nested at most {MAX_DEPTH} deep, found deeper nesting") from None
     except (UnicodeDecodeError, ValueError) as err:  # JSONDecodeError is a ValueError
-        raise error(f"{file}: expected valid JSON, could not parse it ({err})") from None
+        raise error(f"{file}: not valid JSON ({err})") from None
     if _depth(value) > MAX_DEPTH:
         raise error(f"{file}: expected JSON nested at most {MAX_DEPTH} deep, found deeper nesting")
     return value
