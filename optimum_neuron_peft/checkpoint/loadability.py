@@ -87,7 +87,10 @@ def check_adapter_keys(keys: Iterable[str], adapter_dir: Path, config_file: Path
         _mismatch(where, "PeftModel.from_pretrained", keys, expected, expected)
 
 
-_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<lora>lora_A|lora_B)\.weight")
+# PEFT's saved LoRA keys: ``<module>.lora_A.weight`` (linears, also ``.bias`` with lora_bias) and
+# ``<module>.lora_embedding_A`` (embeddings, a ParameterDict entry); A and B come in pairs.
+_LORA_KEY = re.compile(r"(?P<module>.+)\.(?P<lora>lora_(?:embedding_)?[AB])(?:\.weight|\.bias)?")
+_PAIRS = ({"lora_A", "lora_B"}, {"lora_embedding_A", "lora_embedding_B"})
 
 
 def check_adapter_structure(keys: set[str], adapter_dir: Path, where: Path) -> None:
@@ -96,19 +99,21 @@ def check_adapter_structure(keys: set[str], adapter_dir: Path, where: Path) -> N
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: expected the adapter's config ({err})") from None
     targets = config.get("target_modules") if isinstance(config, dict) else None
+    saved_whole = bool(config.get("modules_to_save")) if isinstance(config, dict) else False
     pairs: dict[str, set[str]] = {}
     for key in sorted(keys):
+        if not key.startswith(PEFT_WRAPPER_PREFIX) or key.startswith(PEFT_WRAPPER_PREFIX * 2):
+            raise CheckpointError(f"{where}: PEFT would not load key {key!r}: expected the prefix '{PEFT_WRAPPER_PREFIX}' exactly once")
         match = _LORA_KEY.fullmatch(key)
-        if not key.startswith(PEFT_WRAPPER_PREFIX) or key.startswith(PEFT_WRAPPER_PREFIX * 2) or match is None:
-            raise CheckpointError(
-                f"{where}: PEFT would not load key {key!r}: expected '{PEFT_WRAPPER_PREFIX}<module>.lora_A.weight' or "
-                f"'...lora_B.weight' with the prefix exactly once"
-            )
+        if match is None:
+            if saved_whole:  # a module of modules_to_save, saved whole
+                continue
+            raise CheckpointError(f"{where}: PEFT would not load key {key!r}: not a LoRA tensor and the config saves no module whole")
         module = match["module"][len(PEFT_WRAPPER_PREFIX) :]
         if not targeted(targets, module):
             raise CheckpointError(f"{where}: key {key!r} is for module {module!r}, which target_modules {targets} does not target")
         pairs.setdefault(module, set()).add(match["lora"])
-    unpaired = sorted(m for m, loras in pairs.items() if loras != {"lora_A", "lora_B"})
+    unpaired = sorted(m for m, loras in pairs.items() if loras not in _PAIRS)
     if unpaired:
         raise CheckpointError(f"{where}: expected a lora_A and a lora_B for every module, found only one for {unpaired[:_SHOWN]}")
 
