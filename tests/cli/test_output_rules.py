@@ -139,7 +139,7 @@ def test_two_real_runs_into_one_output(tmp_path, capsys):
 
     write_ours(tmp_path / "ckpt", 2, model=model_state(torch.float32))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "optimum_neuron_peft", "consolidate", str(tmp_path / "ckpt"), str(out), "--engine", "torch"]
+    cmd = [sys.executable, "-m", "optimum_neuron_peft", "consolidate", str(tmp_path / "ckpt"), str(out)]
     first = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO), SLEEP_ENV: "0.1"}, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
