@@ -138,3 +138,13 @@ def our_run(root: Path, out: Path, tp: int, resume: str | bool | None = None, fr
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return history, adapter_of(out / "final")
+
+
+def worker(rank: int, world: int, root: str, runs: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """Run ``runs`` = [(name, "ours" | "reference", kwargs)] one after the other in every rank of a spawn."""
+    results = {}
+    for name, kind, kwargs in runs:
+        out = Path(root) / name
+        result = our_run(Path(root), out, **kwargs) if kind == "ours" else reference_run(Path(root), out, **kwargs)
+        results[name] = result
+    return results if rank == 0 else None
