@@ -10,6 +10,7 @@ ranks that see the same batch). So ``world_size`` / ``process_index`` are torch.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -67,8 +68,15 @@ class TrainingArguments(transformers.TrainingArguments):
 
     @cached_property
     def _setup_devices(self):
-        with single_process_accelerate():
-            return transformers.TrainingArguments._setup_devices.func(self)
+        # transformers warns that a process group exists without DDP: that is the design here
+        log = logging.getLogger(transformers.training_args.__name__)
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with single_process_accelerate():
+                return transformers.TrainingArguments._setup_devices.func(self)
+        finally:
+            log.setLevel(level)
 
     # -- the process view -------------------------------------------------------------------------------------
 

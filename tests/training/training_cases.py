@@ -138,3 +138,29 @@ def our_run(root: Path, out: Path, tp: int, resume: str | bool | None = None, fr
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
     return history, adapter_of(out / "final")
+
+
+def worker(rank: int, world: int, root: str, runs: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any] | None:
+    """Run ``runs`` = [(name, "ours" | "reference", kwargs)] one after the other in every rank of a spawn."""
+    results = {}
+    for name, kind, kwargs in runs:
+        out = Path(root) / name
+        result = our_run(Path(root), out, **kwargs) if kind == "ours" else reference_run(Path(root), out, **kwargs)
+        results[name] = result
+    return results if rank == 0 else None
+
+
+def save_dir_initial_adapter(root: Path) -> Path:
+    """The adapter the Trainer builds from the model directory and `lora_config()` (seeded with args.seed), as a
+    vanilla PEFT adapter: the reference of the directory path starts from it."""
+    from optimum_neuron_peft.parallel import destroy_model_parallel, initialize_model_parallel
+    from optimum_neuron_peft.training import TrainingArguments, build_model
+
+    path = root / "dir_initial"
+    initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        model = build_model(make_base(root), TrainingArguments(output_dir=str(root / "unused"), seed=0), lora_config())
+        model.save_pretrained(path, consolidated=True)
+    finally:
+        destroy_model_parallel()
+    return path
