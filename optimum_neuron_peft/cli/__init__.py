@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reshard": ("optimum_neuron_peft.cli.reshard", "convert a checkpoint to another tensor-parallel size"),
     "verify": ("optimum_neuron_peft.cli.verify", "check a consolidated directory against its sharded checkpoint"),
     "merge": ("optimum_neuron_peft.cli.merge", "combine adapters (TIES, DARE, SVD...) or merge one into base weights"),
+    "train": ("optimum_neuron_peft.cli.train", "LoRA fine-tuning (SFT) on dp x tp local processes, then the adapter"),
 }
 
 
@@ -37,7 +38,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     alone is imported, the others are listed with their help line."""
     parser = argparse.ArgumentParser(
         prog="optimum-neuron-peft",
-        description="Tensor-parallel LoRA fine-tuning tools: consolidation, resharding, merging, demo.",
+        description="Tensor-parallel LoRA fine-tuning tools: training, consolidation, resharding, merging, demo.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
