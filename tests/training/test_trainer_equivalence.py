@@ -3,7 +3,8 @@
 Every run starts from the same vanilla adapter (non-zero lora_B) on a tiny GQA Llama (4 query heads, 1 kv head:
 replicated at tp 2 and 4), with gradient accumulation (rows with different label-token counts), a linear schedule
 with warmup, weight decay and clipping that acts (max_grad_norm below the norms). Compared: log_history's loss,
-grad_norm and learning_rate at every step, and the trained adapter written by ``save_model`` (rtol 1e-4).
+grad_norm and learning_rate at every step, the trained adapter written by ``save_model`` and the eval_loss of
+``evaluate()`` (rtol 1e-4).
 References: transformers.Trainer in one process, and in 2 DDP gloo processes for tp 2 x dp 2.
 """
 
@@ -49,7 +50,8 @@ def tp2_runs(root):
 
 
 def assert_same_training(got, expected, rtol=RTOL, atol=ATOL):
-    (got_log, got_adapter), (exp_log, exp_adapter) = got, expected
+    (got_log, got_adapter, got_eval), (exp_log, exp_adapter, exp_eval) = got, expected
+    assert got_eval == pytest.approx(exp_eval, rel=rtol, abs=atol), "evaluate(): eval_loss"
     assert len(got_log) == len(exp_log) > 0
     for step, (g, e) in enumerate(zip(got_log, exp_log), start=1):
         for key in LOG_KEYS:
@@ -61,7 +63,7 @@ def assert_same_training(got, expected, rtol=RTOL, atol=ATOL):
 
 def test_reference_trains(root, reference):
     """The comparison proves something: the adapter moved and clipping acted."""
-    log, adapter = reference
+    log, adapter, _ = reference
     initial = load_file(str(root / "adapter" / "adapter_model.safetensors"))
     assert max((adapter[k] - initial[k]).abs().max().item() for k in adapter) > 1e-3
     assert all(e["grad_norm"] > 0.05 for e in log)  # above max_grad_norm: clipped every step
@@ -85,7 +87,7 @@ def test_throughput_metrics(root):
 
     from optimum_neuron_peft.training.flops import model_step_flops
 
-    log, _ = our_run(root, root / "tp1_metrics", tp=1, logging_steps=2)
+    log, _, _ = our_run(root, root / "tp1_metrics", tp=1, logging_steps=2)
     tokens_per_step = 2 * 2 * SEQ  # per_device_train_batch_size x gradient_accumulation_steps x dp, full rows
     flops_per_step = 2 * model_step_flops(AutoConfig.from_pretrained(make_base(root)), lora_config(), 2, SEQ).total
     assert len(log) == 2

@@ -2,7 +2,8 @@
 
 `reference_run` is transformers.Trainer on the Transformers model with vanilla PEFT (one process, or DDP when
 called in every rank of a gloo spawn); `our_run` is optimum_neuron_peft.training.Trainer from the same model
-directory and LoRA config at some tp size. Both return (log_history, trained adapter in original names) on rank 0.
+directory and adapter at some tp size. Both return (log_history, trained adapter in original names, eval_loss of
+`evaluate()` after training) on rank 0.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def dataset(samples: int = SAMPLES) -> list[dict[str, torch.Tensor]]:
     return rows
 
 
+def eval_dataset() -> list[dict[str, torch.Tensor]]:
+    """6 rows: the last evaluation batch is short (eval batch size 4 in `common_args`)."""
+    return dataset(22)[16:]
+
+
 def lora_config() -> peft.LoraConfig:
     return peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM",
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -55,7 +61,7 @@ def common_args(**overrides: Any) -> dict[str, Any]:
     args = dict(
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, learning_rate=2e-2,
         lr_scheduler_type="linear", warmup_steps=1, max_grad_norm=0.05, weight_decay=0.01, logging_steps=1,
-        save_strategy="no", report_to="none", seed=0, use_cpu=True, disable_tqdm=True,
+        save_strategy="no", report_to="none", seed=0, use_cpu=True, disable_tqdm=True, per_device_eval_batch_size=4,
     )  # fmt: skip
     args.update(overrides)
     return args
@@ -96,13 +102,14 @@ def reference_run(root: Path, out: Path, adapter: Path | None = None, **override
                                    data_collator=transformers.default_data_collator)  # fmt: skip
     trainer.train()
     trainer.save_model(str(out / "final"))
+    eval_loss = trainer.evaluate(eval_dataset())["eval_loss"]
     if dist.is_initialized():
         dist.barrier()
         for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.pop(name, None)
         if dist.get_rank() != 0:
             return None
-    return log_values(trainer.state.log_history), adapter_of(out / "final")
+    return log_values(trainer.state.log_history), adapter_of(out / "final"), eval_loss
 
 
 def our_run(root: Path, out: Path, tp: int, resume: str | bool | None = None, from_dir: bool = False,
@@ -134,11 +141,12 @@ def our_run(root: Path, out: Path, tp: int, resume: str | bool | None = None, fr
         trainer = Trainer(model=model, args=args, **data)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out / "final"))
+    eval_loss = trainer.evaluate(eval_dataset())["eval_loss"]
     history = log_values(trainer.state.log_history)
     destroy_model_parallel()
     if dist.is_initialized() and dist.get_rank() != 0:
         return None
-    return history, adapter_of(out / "final")
+    return history, adapter_of(out / "final"), eval_loss
 
 
 def worker(rank: int, world: int, root: str, runs: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any] | None:
