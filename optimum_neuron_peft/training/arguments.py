@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass, field
 from functools import cached_property
 
+import torch
 import torch.distributed as dist
 import transformers
 
@@ -79,6 +80,8 @@ class TrainingArguments(transformers.TrainingArguments):
         level = log.level
         log.setLevel(logging.ERROR)
         try:
+            if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:  # single-process accelerate picks cuda:0
+                torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             with single_process_accelerate():
                 return transformers.TrainingArguments._setup_devices.func(self)
         finally:
