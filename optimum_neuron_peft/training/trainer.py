@@ -166,9 +166,7 @@ class Trainer(transformers.Trainer):
                 transformers.set_seed(args.seed)
                 model = get_peft_model(model, peft_config)
             _adopt_model_layout(args, model)
-        if args.activation_checkpointing and not (
-            hasattr(model, "activation_checkpointing_enable") or hasattr(model, "gradient_checkpointing_enable")
-        ):
+        if args.activation_checkpointing and not hasattr(_base_model(model), "gradient_checkpointing_enable"):
             raise ConfigError("TrainingArguments.gradient_checkpointing: this model has no "
                               "gradient_checkpointing_enable(); turn the option off")  # fmt: skip
         self._shares = None
@@ -286,7 +284,16 @@ class Trainer(transformers.Trainer):
     def train(self, *args, **kwargs):
         self._meter = ThroughputMeter(self._flops_of_batch(), self.args.world_size, get_data_parallel_group(),
                                       self._peak_flops_per_device())  # fmt: skip
-        return super().train(*args, **kwargs)
+        if not self.args.activation_checkpointing:
+            return super().train(*args, **kwargs)
+        # transformers would call it with its own keywords (every_n_layers, offload); ours takes the kwargs only
+        base = _base_model(self.model)
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs)
+        self.args.activation_checkpointing = False
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.args.activation_checkpointing = True
 
     def _flops_of_batch(self):
         """FLOPs of one micro-batch (batch, seq) of the whole model with its frozen base, or None when unknown."""
@@ -412,6 +419,11 @@ class Trainer(transformers.Trainer):
             if self.args.should_save and self.lr_scheduler is not None:
                 torch.save(self.lr_scheduler.state_dict(), staging / SCHEDULER_NAME)
             torch.save(_rng_state(), staging / f"rng_state_{self.args.process_index}.pth")
+        best = self.state.best_global_step
+        if best and self.args.save_strategy in ("steps", "epoch", "best"):
+            best_dir = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{best}"
+            if best == self.state.global_step or best_dir.is_dir():
+                self.state.best_model_checkpoint = str(best_dir)
         if self.args.should_save:
             for cb in [c for c in self.callback_handler.callbacks + [self.control]
                        if isinstance(c, transformers.trainer_callback.ExportableState)]:  # fmt: skip
@@ -459,6 +471,9 @@ class Trainer(transformers.Trainer):
         self._barrier()
         if self.args.should_save:
             shutil.rmtree(staging)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         if checkpoint is None:

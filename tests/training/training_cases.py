@@ -112,6 +112,15 @@ def reference_run(root: Path, out: Path, adapter: Path | None = None, **override
     return log_values(trainer.state.log_history), adapter_of(out / "final"), eval_loss
 
 
+def one_process_eval(root: Path, run: Path) -> float:
+    """transformers.Trainer's eval_loss, in one process, of the adapter a reference run saved in ``run/final``."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(make_base(root), dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(model, str(run / "final"))
+    args = transformers.TrainingArguments(output_dir=str(run / "one_process_eval"), **common_args())
+    trainer = transformers.Trainer(model=model, args=args, data_collator=transformers.default_data_collator)
+    return trainer.evaluate(eval_dataset())["eval_loss"]
+
+
 def our_run(root: Path, out: Path, tp: int, resume: str | bool | None = None, from_dir: bool = False,
             sequence_parallel: bool = False, **overrides: Any):
     """Our Trainer at tp (the rest of the world is dp); rank 0 returns the results.
