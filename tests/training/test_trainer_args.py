@@ -82,3 +82,26 @@ def test_load_best_model_at_end_reads_our_checkpoint(model, tmp_path):
     assert sorted(got) == sorted(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_without_adapter_save_model_writes_a_transformers_directory(tmp_path):
+    """Full fine-tuning of our model: save_model writes a Transformers model directory holding the trained weights."""
+    initialize_model_parallel(tensor_model_parallel_size=1)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(make_base(tmp_path), torch_dtype=torch.float32)
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), **common_args(max_steps=2, learning_rate=1e-2))
+        trainer = Trainer(model=model, args=args, train_dataset=dataset(),
+                          data_collator=transformers.default_data_collator)  # fmt: skip
+        trainer.train()
+        trainer.save_model(str(tmp_path / "saved"))
+        saved = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "saved", dtype=torch.float32)
+        original = transformers.AutoModelForCausalLM.from_pretrained(make_base(tmp_path), dtype=torch.float32)
+        ours = dict(model.named_parameters())
+        moved = False
+        for name, param in saved.named_parameters():
+            if name in ours:  # q/k/v and gate/up are fused in ours under other names
+                torch.testing.assert_close(param, ours[name].detach(), rtol=0, atol=0, msg=name)
+            moved |= not torch.equal(param, dict(original.named_parameters())[name])
+        assert moved, "the saved model is the untrained one"
+    finally:
+        destroy_model_parallel()
