@@ -40,41 +40,40 @@ def norm_shares(model: nn.Module, tp: TensorParallel) -> list[Share]:
     """Every trainable parameter this rank counts in the global norm, with the rows it counts (see module doc)."""
     shares: list[Share] = []
     seen: set[int] = set()
+
+    def add(param: nn.Parameter, rows: torch.Tensor | None) -> None:
+        if param.requires_grad and id(param) not in seen:
+            seen.add(id(param))
+            shares.append((param, rows))
+
     for module in model.modules():
         gqa = _gqa_base(module)
-        for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad or id(param) in seen:
-                continue
-            seen.add(id(param))
-            shares.append(_share(param, name, module, gqa, tp))
-        # LoRA B of the k / v projections of a GQA layer live in a child ParameterDict/Module of the LoRA layer
         if gqa is not None and hasattr(module, "lora_B"):
+            # a LoRA layer on a GQA layer with kv replicas: its B_k / B_v hold the local head slots, like weight_k
             for sub in module.lora_B.values():
                 for name, param in sub.named_parameters(recurse=False):
-                    if param.requires_grad and id(param) not in seen:
-                        seen.add(id(param))
-                        rows = _replica_zero_rows(gqa, tp) if name in ("weight_k", "weight_v") else None
-                        shares.append((param, rows) if rows is not None or is_tensor_model_parallel(param)
-                                      else (param, _rank_zero(param, tp)))  # fmt: skip
-    return [s for s in shares if s is not None]
+                    kv = name in ("weight_k", "weight_v")
+                    add(param, _replica_zero_rows(gqa, tp) if kv else _default_rows(param, tp))
+        for name, param in module.named_parameters(recurse=False):
+            add(param, _base_rows(param, name, module, tp))
+    return shares
 
 
-def _rank_zero(param: nn.Parameter, tp: TensorParallel) -> torch.Tensor | None:
-    """A replicated parameter: all rows on rank 0, none elsewhere."""
-    return None if tp.rank == 0 else torch.empty(0, dtype=torch.long)
+def _default_rows(param: nn.Parameter, tp: TensorParallel) -> torch.Tensor | None:
+    """A shard: all its rows on its rank. A replicated parameter: all rows on rank 0, none elsewhere."""
+    if is_tensor_model_parallel(param) or tp.rank == 0:
+        return None
+    return torch.empty(0, dtype=torch.long)
 
 
-def _share(param: nn.Parameter, name: str, module: nn.Module, gqa, tp: TensorParallel) -> Share:
+def _base_rows(param: nn.Parameter, name: str, module: nn.Module, tp: TensorParallel) -> torch.Tensor | None:
     if isinstance(module, GQAQKVColumnParallelLinear) and module.kv_size_multiplier > 1:
         if name in ("weight_k", "weight_v", "bias_k", "bias_v"):
-            return param, _replica_zero_rows(module, tp)
+            return _replica_zero_rows(module, tp)
         if name in ("weight_qkv", "bias_qkv"):
             kv = _replica_zero_rows(module, tp)
-            q = torch.arange(module.q_size)
-            return param, torch.cat([q, kv + module.q_size, kv + module.q_size + module.kv_size])
-    if is_tensor_model_parallel(param):
-        return param, None
-    return param, _rank_zero(param, tp)
+            return torch.cat([torch.arange(module.q_size), kv + module.q_size, kv + module.q_size + module.kv_size])
+    return _default_rows(param, tp)
 
 
 def global_grad_norm(shares: Iterable[Share], tp: TensorParallel) -> torch.Tensor:

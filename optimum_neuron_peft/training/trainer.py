@@ -108,7 +108,6 @@ def build_model(path: str | os.PathLike, args: TrainingArguments, peft_config: A
     """The tensor-parallel model of a Transformers directory for ``args``' layout, with LoRA from ``peft_config``
     (ORIGINAL module names) initialised after seeding with ``args.seed``, like vanilla PEFT after ``set_seed``."""
     from ..models import AutoModelForCausalLM
-    from ..peft import get_peft_model
 
     if not (Path(path) / "config.json").is_file():
         raise ConfigError(f"Trainer: model {str(path)!r} is not a Transformers model directory (no config.json)")
@@ -121,10 +120,19 @@ def build_model(path: str | os.PathLike, args: TrainingArguments, peft_config: A
         sequence_parallel=args.sequence_parallel,
     )  # fmt: skip
     if peft_config is not None:
-        transformers.set_seed(args.seed)
-        model = get_peft_model(model, peft_config)
+        model = add_adapter(model, peft_config, args.seed)
     _adopt_model_layout(args, model)
     return model
+
+
+def add_adapter(model: nn.Module, peft_config: Any, seed: int) -> PeftModel:
+    """LoRA from a config in ORIGINAL module names, drawn right after seeding (the same adapter at every tp size)."""
+    from ..peft import get_peft_model
+
+    if isinstance(model, PeftModel):
+        raise ConfigError("Trainer: peft_config was given with a model that already has an adapter")
+    transformers.set_seed(seed)
+    return get_peft_model(model, peft_config)
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------
@@ -159,12 +167,7 @@ class Trainer(transformers.Trainer):
             model = build_model(model, args, peft_config)
         else:
             if peft_config is not None:
-                if isinstance(model, PeftModel):
-                    raise ConfigError("Trainer: peft_config was given with a model that already has an adapter")
-                from ..peft import get_peft_model
-
-                transformers.set_seed(args.seed)
-                model = get_peft_model(model, peft_config)
+                model = add_adapter(model, peft_config, args.seed)
             _adopt_model_layout(args, model)
         if args.activation_checkpointing and not hasattr(_base_model(model), "gradient_checkpointing_enable"):
             raise ConfigError("TrainingArguments.gradient_checkpointing: this model has no "
