@@ -105,3 +105,36 @@ def test_without_adapter_save_model_writes_a_transformers_directory(tmp_path):
         assert moved, "the saved model is the untrained one"
     finally:
         destroy_model_parallel()
+
+
+def test_a_crash_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+    """The save of checkpoint-3 fails after its adapter is written (a crash mid-save): no checkpoint-3 appears,
+    checkpoint-2 is intact, and resume_from_checkpoint=True continues from it to the uninterrupted result."""
+    import training_cases
+    from training_cases import our_run
+
+    from optimum_neuron_peft.training import trainer as trainer_module
+
+    checkpoints = dict(save_strategy="steps", save_steps=1)
+    uninterrupted = our_run(tmp_path, tmp_path / "uninterrupted", tp=1, **checkpoints)
+
+    real_save = trainer_module.save_optimizer_state
+
+    def crash_at_step_3(directory, tensors, rest):
+        if ".checkpoint-3." in str(directory):
+            raise KeyboardInterrupt("killed during the save")
+        real_save(directory, tensors, rest)
+
+    monkeypatch.setattr(trainer_module, "save_optimizer_state", crash_at_step_3)
+    run = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        our_run(tmp_path, run, tp=1, **checkpoints)
+    destroy_model_parallel()  # the crashed run did not get to it
+    monkeypatch.setattr(trainer_module, "save_optimizer_state", real_save)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    assert [p.name for p in run.glob(".checkpoint-3.saving-*")], "the interrupted save was not left aside"
+    resumed = training_cases.our_run(tmp_path, run, tp=1, resume=True, **checkpoints)
+    keys = ("loss", "grad_norm", "learning_rate")
+    assert [[e[k] for k in keys] for e in resumed[0]] == [[e[k] for k in keys] for e in uninterrupted[0]]
+    for name in uninterrupted[1]:
+        torch.testing.assert_close(resumed[1][name], uninterrupted[1][name], rtol=0, atol=0, msg=name)
