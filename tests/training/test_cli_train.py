@@ -52,6 +52,9 @@ def test_train_writes_the_consolidated_adapter(workdir):
     proc = cli("train", "cfg.yaml", "--nproc", "2", cwd=workdir)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote the consolidated PEFT adapter to run/adapter" in proc.stdout
+    # logs and the progress bar come from the first rank only
+    assert proc.stdout.count("'loss'") == 4
+    assert proc.stderr.count(" 0/4 [") == 1
     adapter, run = workdir / "run" / "adapter", workdir / "run"
     # vanilla PEFT loads it on the Transformers model
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "base", dtype=torch.float32)
