@@ -10,7 +10,7 @@ the default here, fills every row to ``max_length`` except the last, which is pa
 
 Dataset formats (TRL's): ``messages`` (chat template; ``conversations`` with from/value is converted), ``prompt`` /
 ``completion`` (plain text or conversational), or a text column (``dataset_text_field``). Inputs: a
-``datasets.Dataset`` or a local ``.json`` / ``.jsonl`` / ``.parquet`` file.
+``datasets.Dataset`` or ``IterableDataset``, or a local ``.json`` / ``.jsonl`` / ``.parquet`` file.
 """
 
 from __future__ import annotations

@@ -151,6 +151,9 @@ def test_file_inputs_and_errors(tokenizer, tmp_path):
     for name in ("chat.jsonl", "chat.parquet"):
         got = prepare_sft_dataset(str(tmp_path / name), tokenizer, max_length=32, packing=True)
         assert got["input_ids"] == expected["input_ids"] and got["labels"] == expected["labels"]
+    streamed = list(prepare_sft_dataset(dataset.to_iterable_dataset(), tokenizer, max_length=32, packing=True))
+    assert [r["input_ids"] for r in streamed] == expected["input_ids"]
+    assert [r["labels"] for r in streamed] == expected["labels"]
     with pytest.raises(ValueError, match=r"train_dataset: .*chat\.csv: expected a \.json, \.jsonl or \.parquet"):
         prepare_sft_dataset(tmp_path / "chat.csv", tokenizer, max_length=32)
     with pytest.raises(ValueError, match="no such file"):
