@@ -17,7 +17,7 @@ from sft_cases import LOG_KEYS, make_setup, our_run, tp_worker, trl_run
 from optimum_neuron_peft.errors import ConfigError
 from optimum_neuron_peft.parallel import spawn
 from optimum_neuron_peft.training import SFTConfig, TrainingArguments
-from optimum_neuron_peft.training.sft import UNSUPPORTED_TRL_FIELDS
+from optimum_neuron_peft.training.sft import UNSUPPORTED_TRL_FIELDS, as_sft_config
 
 RTOL, ATOL = 1e-4, 1e-6
 
@@ -91,3 +91,15 @@ def test_sft_config_errors(tmp_path):
         SFTConfig(output_dir=str(tmp_path), packing_strategy="padding_free")
     with pytest.raises(ConfigError, match="dataset_kwargs"):
         SFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip": True})
+
+
+def test_training_arguments_become_an_sft_config(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), tensor_parallel_size=2, learning_rate=0.125, use_cpu=True,
+                             lr_scheduler_type="cosine", report_to="none", logging_steps=3)  # fmt: skip
+    config = as_sft_config(args)
+    assert isinstance(config, SFTConfig) and as_sft_config(config) is config
+    assert (config.tensor_parallel_size, config.learning_rate, config.lr_scheduler_type, config.logging_steps) == (
+        2, 0.125, args.lr_scheduler_type, 3)  # fmt: skip
+    assert (config.max_length, config.packing, config.packing_strategy) == (1024, False, "wrapped")
+    with pytest.raises(TypeError, match="SFTTrainer: args must be optimum_neuron_peft.training.SFTConfig"):
+        as_sft_config(transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True))

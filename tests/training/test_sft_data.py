@@ -40,7 +40,7 @@ def _datasets(tokenizer) -> dict[str, datasets.Dataset]:
     }  # fmt: skip
 
 
-def _trl_prepared(dataset, tokenizer, **kwargs) -> datasets.Dataset:
+def _trl_prepared(dataset, tokenizer, formatting_func=None, **kwargs) -> datasets.Dataset:
     """What TRL 1.16's SFTTrainer itself makes of the dataset (its train_dataset after __init__)."""
     from trl import SFTConfig, SFTTrainer
 
@@ -48,7 +48,8 @@ def _trl_prepared(dataset, tokenizer, **kwargs) -> datasets.Dataset:
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, report_to=[], bf16=False, gradient_checkpointing=False, **kwargs)
-        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          formatting_func=formatting_func).train_dataset
 
 
 TRL_CASES = [
@@ -73,6 +74,19 @@ def test_rows_equal_trl_sft_trainer(tokenizer, fmt, kwargs):
     assert ours["input_ids"] == ref["input_ids"] and ours["labels"] == ref["labels"]
     assert any(IGNORE_INDEX in row for row in ours["labels"]) == bool(
         kwargs.get("assistant_only_loss") or (fmt.startswith("prompt") and kwargs.get("completion_only_loss", True)))
+
+
+def test_formatting_func_equals_trl(tokenizer):
+    dataset = datasets.Dataset.from_list([{"question": c["messages"][-2]["content"],
+                                           "answer": c["messages"][-1]["content"]} for c in SUBSET])  # fmt: skip
+
+    def fmt(example):
+        return f"Q : {example['question']} A : {example['answer']}"
+
+    ref = _trl_prepared(dataset, tokenizer, formatting_func=fmt, max_length=16)
+    ours = prepare_sft_dataset(dataset, tokenizer, formatting_func=fmt, max_length=16)
+    assert ours["input_ids"] == ref["input_ids"] and ours["labels"] == ref["labels"]
+    assert all(row[-1] == tokenizer.eos_token_id for row in ours["input_ids"] if len(row) < 16)
 
 
 def _chat_ids(tokenizer, messages, **kwargs) -> list[int]:
