@@ -56,6 +56,12 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "Replicas of each key/value head when tp exceeds the kv heads (GQA)."}
     )
     fuse_qkv: bool | None = field(default=None, metadata={"help": "One fused qkv weight instead of q/k/v."})
+    hardware: str | None = field(
+        default=None, metadata={"help": "trn1 or trn2: the per-NeuronCore peak used for the logged MFU."}
+    )
+    peak_flops_per_device: float | None = field(
+        default=None, metadata={"help": "Peak FLOP/s of one device for the logged MFU (overrides hardware)."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -45,12 +45,14 @@ from ..parallel import (
 )
 from ..peft.model import PeftModel, load_original_adapter_weights, read_vanilla_adapter
 from .arguments import TrainingArguments
+from .metrics import ThroughputMeter, write_summary
 from .gradients import average_over_group_, clip_grads_with_norm_, global_grad_norm, norm_shares
 from .optimizer_state import consolidated_optimizer_state, load_optimizer_state, save_optimizer_state
 
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
 LAYOUT_NAME = "layout.json"
+SUMMARY_NAME = "training_summary.json"
 ADAPTER_SUBDIR = "adapter"
 MODEL_SUBDIR = "model"
 
@@ -170,6 +172,7 @@ class Trainer(transformers.Trainer):
             raise ConfigError("TrainingArguments.gradient_checkpointing: this model has no "
                               "gradient_checkpointing_enable(); turn the option off")  # fmt: skip
         self._shares = None
+        self._meter: ThroughputMeter | None = None
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, **kwargs,
@@ -249,9 +252,13 @@ class Trainer(transformers.Trainer):
         return result
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._meter is not None and torch.is_tensor(inputs.get("input_ids")):
+            self._meter.micro_batch(inputs["input_ids"])
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self.accelerator.sync_gradients:  # the last micro-batch of the optimizer step
             self._synchronize_gradients()
+            if self._meter is not None:
+                self._meter.optimizer_step()
         return loss
 
     def _synchronize_gradients(self) -> None:
@@ -276,6 +283,42 @@ class Trainer(transformers.Trainer):
 
     # -- logging ----------------------------------------------------------------------------------------------
 
+    def train(self, *args, **kwargs):
+        self._meter = ThroughputMeter(self._flops_of_batch(), self.args.world_size, get_data_parallel_group(),
+                                      self._peak_flops_per_device())  # fmt: skip
+        return super().train(*args, **kwargs)
+
+    def _flops_of_batch(self):
+        """FLOPs of one micro-batch (batch, seq) of the whole model with its frozen base, or None when unknown."""
+        if not isinstance(self.model, PeftModel):
+            return None
+        from .flops import model_step_flops
+
+        config, lora = _base_model(self.model).config, self.model.original_peft_config("default")
+        cache: dict[tuple[int, int], float] = {}
+
+        def flops(batch: int, seq: int) -> float:
+            if (batch, seq) not in cache:
+                cache[batch, seq] = float(model_step_flops(config, lora, batch, seq).total)
+            return cache[batch, seq]
+
+        return flops
+
+    def _peak_flops_per_device(self) -> float | None:
+        if self.args.peak_flops_per_device is not None:
+            return float(self.args.peak_flops_per_device)
+        if self.args.hardware is None:
+            return None
+        from .flops import peak_flops
+
+        dtype = "bf16" if self.args.bf16 or next(self.model.parameters()).dtype == torch.bfloat16 else "fp32"
+        return peak_flops(self.args.hardware, dtype)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._meter is not None and "loss" in logs and "learning_rate" in logs:  # a training window, every rank
+            logs = {**logs, **self._meter.window()}
+        super().log(logs, start_time)
+
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                                  learning_rate=None):  # fmt: skip
         if self.control.should_log and self.state.global_step > self._globalstep_last_logged and self.dp_size > 1:
@@ -286,7 +329,12 @@ class Trainer(transformers.Trainer):
     def _finalize_training(self, trial, num_train_samples, start_time):
         if self.dp_size > 1:
             self._dp_average_([self._tr_loss])
-        return super()._finalize_training(trial, num_train_samples, start_time)
+        output = super()._finalize_training(trial, num_train_samples, start_time)
+        if self._meter is not None and self.args.should_save:
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            write_summary(Path(self.args.output_dir) / SUMMARY_NAME,
+                          {**self._meter.summary(), "train_loss": output.training_loss})  # fmt: skip
+        return output
 
     # -- saving -----------------------------------------------------------------------------------------------
 

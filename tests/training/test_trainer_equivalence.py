@@ -77,6 +77,29 @@ def test_tp2_equals_transformers_trainer(root, reference, tp2_runs, name):
     assert_same_training(tp2_runs[name], expected)
 
 
+def test_throughput_metrics(root):
+    """Every training log carries the throughput metrics, consistent with the tokens and FLOPs of a step; the
+    summary JSON is written at the end."""
+    from training_cases import SEQ, lora_config, make_base
+    from transformers import AutoConfig
+
+    from optimum_neuron_peft.training.flops import model_step_flops
+
+    log, _ = our_run(root, root / "tp1_metrics", tp=1, logging_steps=2)
+    tokens_per_step = 2 * 2 * SEQ  # per_device_train_batch_size x gradient_accumulation_steps x dp, full rows
+    flops_per_step = 2 * model_step_flops(AutoConfig.from_pretrained(make_base(root)), lora_config(), 2, SEQ).total
+    assert len(log) == 2
+    for entry in log:
+        assert entry["tokens_per_second"] * entry["step_time"] == pytest.approx(tokens_per_step, rel=1e-6)
+        assert entry["tokens_per_second_per_device"] == entry["tokens_per_second"]  # one device
+        assert entry["flops_per_second"] * entry["step_time"] == pytest.approx(flops_per_step, rel=1e-6)
+        assert 10 < entry["peak_host_memory_mb"] < 1e6
+        assert "mfu" not in entry  # no peak known on CPU
+    summary = json.loads((root / "tp1_metrics" / "training_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["tokens"] == 4 * tokens_per_step
+    assert summary["flops"] == 4 * flops_per_step and summary["mfu"] is None
+
+
 def test_resume_same_layout_is_bit_exact(tp2_runs):
     assert_same_training(tp2_runs["tp2_resumed"], tp2_runs["tp2"], rtol=0, atol=0)
 
