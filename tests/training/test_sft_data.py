@@ -180,6 +180,10 @@ def test_file_inputs_and_errors(tokenizer, tmp_path):
         prepare_sft_dataset(dataset, tokenizer, max_length=None, packing=True)
     with pytest.raises(ValueError, match="assistant_only_loss=True needs a conversational dataset"):
         prepare_sft_dataset(_datasets(tokenizer)["text"], tokenizer, max_length=32, assistant_only_loss=True)
+    plain = build_chat_tokenizer(message_texts(CONVERSATIONS))
+    plain.chat_template = plain.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(ValueError, match=r"assistant_only_loss=True: an example has no assistant tokens.*generation"):
+        prepare_sft_dataset(dataset, plain, max_length=32, assistant_only_loss=True)
     with pytest.raises(ValueError, match="more than max_length=8"):
         FixedShapeCollator(tokenizer.pad_token_id, 8)([{"input_ids": list(range(9))}])
 
