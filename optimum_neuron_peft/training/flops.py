@@ -95,7 +95,8 @@ class LoraPlacement:
         targets = set(target_modules)
         unknown = targets - set(PROJECTIONS) - {"lm_head"}
         if unknown:
-            raise ValueError(f"target_modules: expected names among {PROJECTIONS + ('lm_head',)}, found {sorted(unknown)}")
+            raise ValueError(f"target_modules: expected names among {PROJECTIONS + ('lm_head',)}, "
+                             f"found {sorted(unknown)}")  # fmt: skip
         ranks = {(layer, p): r for layer in range(num_layers) for p in PROJECTIONS if p in targets}
         if "lm_head" in targets:
             ranks[(-1, "lm_head")] = r

@@ -15,6 +15,7 @@ tests/training/test_sft.py), with these differences, all because Neuron compiles
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,15 +112,7 @@ class SFTTrainer(Trainer):
         formatting_func: Callable[[dict], str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if args is None:
-            args = SFTConfig(output_dir="trainer_output")
-        elif not isinstance(args, SFTConfig):
-            if not isinstance(args, TrainingArguments):
-                raise TypeError(f"SFTTrainer: args must be optimum_neuron_peft.training.SFTConfig, got "
-                                f"{type(args).__module__}.{type(args).__name__}")  # fmt: skip
-            # as TRL does with a plain TrainingArguments: the same values, SFT fields at their defaults
-            values = {k: getattr(args, k) for k in args.__dataclass_fields__ if args.__dataclass_fields__[k].init}
-            args = SFTConfig(**values)
+        args = as_sft_config(args)
         if processing_class is None and isinstance(model, (str, os.PathLike)):
             from transformers import AutoTokenizer
 
@@ -177,6 +170,21 @@ class SFTTrainer(Trainer):
             return super().get_eval_dataloader(eval_dataset)
         finally:
             self.data_collator = train_collator
+
+
+def as_sft_config(args: TrainingArguments | None) -> SFTConfig:
+    """``args`` itself if an `SFTConfig`; a `TrainingArguments` becomes one with the same values and the SFT fields
+    at their defaults (as TRL's SFTTrainer does with a plain transformers.TrainingArguments)."""
+    if args is None:
+        return SFTConfig(output_dir="trainer_output")
+    if isinstance(args, SFTConfig):
+        return args
+    if not isinstance(args, TrainingArguments):
+        raise TypeError(f"SFTTrainer: args must be optimum_neuron_peft.training.SFTConfig (or its TrainingArguments), "
+                        f"got {type(args).__module__}.{type(args).__name__}")  # fmt: skip
+    # the values as given to __init__ (to_dict would serialise enums and drop the hub token)
+    fields = [f.name for f in dataclasses.fields(TrainingArguments) if f.init]
+    return SFTConfig(**{name: getattr(args, name) for name in fields})
 
 
 def _load_chat_template(tokenizer, path: str) -> None:

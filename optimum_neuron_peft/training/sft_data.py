@@ -10,7 +10,7 @@ the default here, fills every row to ``max_length`` except the last, which is pa
 
 Dataset formats (TRL's): ``messages`` (chat template; ``conversations`` with from/value is converted), ``prompt`` /
 ``completion`` (plain text or conversational), or a text column (``dataset_text_field``). Inputs: a
-``datasets.Dataset`` or a local ``.json`` / ``.jsonl`` / ``.parquet`` file.
+``datasets.Dataset`` or ``IterableDataset``, or a local ``.json`` / ``.jsonl`` / ``.parquet`` file.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def _tokenize_example(example: dict, tokenizer, dataset_text_field: str, assista
                       chat_template: str | None) -> dict[str, list]:  # fmt: skip
     """TRL's tokenize step: ``input_ids`` plus ``completion_mask`` (prompt-completion) or ``assistant_masks``."""
     from trl import is_conversational
+    from trl.data_utils import common_prefix_length
 
     def chat(messages, **kwargs):
         tools = example.get("tools")
@@ -83,8 +84,8 @@ def _tokenize_example(example: dict, tokenizer, dataset_text_field: str, assista
         else:
             prompt_ids = tokenizer(text=example["prompt"])["input_ids"]
             ids = list(tokenizer(text=example["prompt"] + example["completion"])["input_ids"])
-        # The completion starts where the tokenized prompt and prompt+completion diverge (TRL's common prefix rule)
-        prompt_len = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        # The completion starts where the tokenized prompt and prompt+completion diverge (TRL's rule)
+        prompt_len = common_prefix_length(list(prompt_ids), ids)
         out["input_ids"] = ids
         out["completion_mask"] = [0] * prompt_len + [1] * (len(ids) - prompt_len)
     elif conversational:

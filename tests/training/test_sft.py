@@ -1,95 +1,76 @@
-"""SFTTrainer trains like TRL's SFTTrainer (same prepared data, same losses and adapter, tp 1, one process), and
+"""SFTTrainer trains like TRL's SFTTrainer on the Transformers model with vanilla PEFT (same prepared rows, same
+losses, gradient norms, learning rates and adapter, rtol 1e-4) at tp 1 and at tp 2 with sequence parallelism; and
 SFTConfig carries TRL's SFT fields with TRL's defaults except the documented differences."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
-import datasets
-import peft
 import pytest
 import torch
 import transformers
 import trl
+from safetensors.torch import load_file
+from sft_cases import LOG_KEYS, make_setup, our_run, tp_worker, trl_run
 
-from optimum_neuron_peft.demo.chat_tokenizer import build_chat_tokenizer, message_texts
-from optimum_neuron_peft.demo.tiny_model import TinyModelSpec, build_tiny_llama
 from optimum_neuron_peft.errors import ConfigError
-from optimum_neuron_peft.training import SFTConfig, SFTTrainer, TrainingArguments
-from optimum_neuron_peft.training.sft import UNSUPPORTED_TRL_FIELDS
+from optimum_neuron_peft.parallel import spawn
+from optimum_neuron_peft.training import SFTConfig, TrainingArguments
+from optimum_neuron_peft.training.sft import UNSUPPORTED_TRL_FIELDS, as_sft_config
 
-CHAT = Path(__file__).resolve().parents[2] / "examples" / "data" / "chat.jsonl"
-CONVERSATIONS = [json.loads(line) for line in CHAT.read_text(encoding="utf-8").splitlines()]
-# packing "wrapped" to 32 tokens gives full rows, then one short one; 4 optimizer steps of 2 x 2 rows
-ARGS = dict(max_length=32, packing=True, assistant_only_loss=True, per_device_train_batch_size=2,
-            gradient_accumulation_steps=2, max_steps=4, learning_rate=1e-2, lr_scheduler_type="linear",
-            warmup_steps=1, logging_steps=1, save_strategy="no", report_to="none", seed=0, use_cpu=True,
-            disable_tqdm=True, max_grad_norm=0.5)  # fmt: skip
-LOG_KEYS = ("loss", "grad_norm", "learning_rate")
+RTOL, ATOL = 1e-4, 1e-6
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sft")
-    tokenizer = build_chat_tokenizer(message_texts(CONVERSATIONS), root / "base")
-    base = build_tiny_llama(root / "base", TinyModelSpec(vocab_size=len(tokenizer), hidden_size=32,
-                                                         intermediate_size=64))  # fmt: skip
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    torch.manual_seed(1)
-    config = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
-                             init_lora_weights=False)  # fmt: skip
-    peft.get_peft_model(model, config).save_pretrained(str(root / "adapter"))
-    return root, base, tokenizer
+def root(tmp_path_factory) -> Path:
+    root = Path(tmp_path_factory.mktemp("sft"))
+    make_setup(root)
+    return root
 
 
-def _logs(trainer) -> list[dict]:
-    return [{k: e[k] for k in LOG_KEYS} for e in trainer.state.log_history if "loss" in e]
+@pytest.fixture(scope="module")
+def reference(root):
+    return trl_run(root)
 
 
-def test_sft_trainer_trains_like_trl(setup):
-    from optimum_neuron_peft.models import AutoModelForCausalLM
-    from optimum_neuron_peft.parallel import destroy_model_parallel, initialize_model_parallel
-    from optimum_neuron_peft.peft import PeftModel
-
-    root, base, tokenizer = setup
-    data = datasets.Dataset.from_list(CONVERSATIONS[:40])
-
-    ref_model = transformers.AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    ref_model = peft.PeftModel.from_pretrained(ref_model, str(root / "adapter"), is_trainable=True)
-    ref_args = trl.SFTConfig(output_dir=str(root / "trl"), bf16=False, gradient_checkpointing=False,
-                             packing_strategy="wrapped", **ARGS)  # fmt: skip
-    ref = trl.SFTTrainer(model=ref_model, args=ref_args, train_dataset=data, processing_class=tokenizer)
-    ref.train()
-
-    initialize_model_parallel(tensor_model_parallel_size=1)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
-        model = PeftModel.from_pretrained(model, root / "adapter", is_trainable=True)
-        ours = SFTTrainer(model=model, args=SFTConfig(output_dir=str(root / "ours"), **ARGS), train_dataset=data,
-                          processing_class=tokenizer)  # fmt: skip
-        assert ours.train_dataset["input_ids"] == ref.train_dataset["input_ids"]
-        assert ours.train_dataset["labels"] == ref.train_dataset["labels"]
-        shapes = {tuple(b["input_ids"].shape) for b in ours.get_train_dataloader()}
-        assert shapes == {(2, 32)}
-        ours.train()
-        ours.save_model(str(root / "ours" / "final"))
-    finally:
-        destroy_model_parallel()
-    ref.save_model(str(root / "trl" / "final"))
-    got, want = _logs(ours), _logs(ref)
-    assert len(got) == len(want) == 4
-    for g, w in zip(got, want):
+def _assert_same(got_logs, got_dir: Path, ref_logs, ref_dir: Path):
+    assert len(got_logs) == len(ref_logs) == 5  # 4 steps, then evaluate()
+    assert got_logs[-1]["eval_loss"] == pytest.approx(ref_logs[-1]["eval_loss"], rel=RTOL)
+    for step, (g, w) in enumerate(zip(got_logs[:-1], ref_logs[:-1]), start=1):
         for k in LOG_KEYS:
-            assert g[k] == pytest.approx(w[k], rel=1e-4), (k, got, want)
-    from safetensors.torch import load_file
+            assert g[k] == pytest.approx(w[k], rel=RTOL, abs=ATOL), f"step {step} {k}: {g[k]} != {w[k]}"
+    got, want = (load_file(str(d / "final" / "adapter_model.safetensors")) for d in (got_dir, ref_dir))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL, msg=k)
 
-    ours_adapter = load_file(str(root / "ours" / "final" / "adapter_model.safetensors"))
-    ref_adapter = load_file(str(root / "trl" / "final" / "adapter_model.safetensors"))
-    assert ours_adapter.keys() == ref_adapter.keys()
-    for k in ref_adapter:
-        torch.testing.assert_close(ours_adapter[k], ref_adapter[k], rtol=1e-4, atol=1e-6)
+
+def test_reference_trains(root, reference):
+    """The comparison proves something: the loss falls, clipping acts, the adapter moves."""
+    ref_logs, _ = reference
+    train = ref_logs[:-1]
+    assert train[-1]["loss"] < train[0]["loss"] and all(e["grad_norm"] > 0.5 for e in train)
+    start = load_file(str(root / "adapter" / "adapter_model.safetensors"))
+    end = load_file(str(root / "trl" / "final" / "adapter_model.safetensors"))
+    assert max((end[k] - start[k]).abs().max().item() for k in start) > 1e-3
+
+
+def test_tp1_equals_trl_sft_trainer(root, reference):
+    ref_logs, ref = reference
+    got_logs, ours, shapes = our_run(root, "tp1", tp=1)
+    assert ours.train_dataset["input_ids"] == ref.train_dataset["input_ids"]
+    assert ours.train_dataset["labels"] == ref.train_dataset["labels"]
+    assert shapes == {(2, 32), ("eval", 3, 32)}  # the last eval batch is short: completed by filler rows
+    _assert_same(got_logs, root / "tp1", ref_logs, root / "trl")
+
+
+@pytest.mark.distributed
+def test_tp2_sequence_parallel_equals_trl_sft_trainer(root, reference):
+    ref_logs, _ = reference
+    got_logs, shapes = spawn(tp_worker, 2, str(root), 2, timeout_s=600)[0]
+    assert shapes == {(2, 32), ("eval", 3, 32)}
+    _assert_same(got_logs, root / "tp2", ref_logs, root / "trl")
 
 
 def test_sft_config_fields_match_trl():
@@ -110,3 +91,15 @@ def test_sft_config_errors(tmp_path):
         SFTConfig(output_dir=str(tmp_path), packing_strategy="padding_free")
     with pytest.raises(ConfigError, match="dataset_kwargs"):
         SFTConfig(output_dir=str(tmp_path), dataset_kwargs={"skip": True})
+
+
+def test_training_arguments_become_an_sft_config(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), tensor_parallel_size=2, learning_rate=0.125, use_cpu=True,
+                             lr_scheduler_type="cosine", report_to="none", logging_steps=3)  # fmt: skip
+    config = as_sft_config(args)
+    assert isinstance(config, SFTConfig) and as_sft_config(config) is config
+    assert (config.tensor_parallel_size, config.learning_rate, config.lr_scheduler_type, config.logging_steps) == (
+        2, 0.125, args.lr_scheduler_type, 3)  # fmt: skip
+    assert (config.max_length, config.packing, config.packing_strategy) == (1024, False, "wrapped")
+    with pytest.raises(TypeError, match="SFTTrainer: args must be optimum_neuron_peft.training.SFTConfig"):
+        as_sft_config(transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True))

@@ -40,7 +40,7 @@ def _datasets(tokenizer) -> dict[str, datasets.Dataset]:
     }  # fmt: skip
 
 
-def _trl_prepared(dataset, tokenizer, **kwargs) -> datasets.Dataset:
+def _trl_prepared(dataset, tokenizer, formatting_func=None, **kwargs) -> datasets.Dataset:
     """What TRL 1.16's SFTTrainer itself makes of the dataset (its train_dataset after __init__)."""
     from trl import SFTConfig, SFTTrainer
 
@@ -48,7 +48,8 @@ def _trl_prepared(dataset, tokenizer, **kwargs) -> datasets.Dataset:
                                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))  # fmt: skip
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, report_to=[], bf16=False, gradient_checkpointing=False, **kwargs)
-        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer).train_dataset
+        return SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          formatting_func=formatting_func).train_dataset
 
 
 TRL_CASES = [
@@ -73,6 +74,19 @@ def test_rows_equal_trl_sft_trainer(tokenizer, fmt, kwargs):
     assert ours["input_ids"] == ref["input_ids"] and ours["labels"] == ref["labels"]
     assert any(IGNORE_INDEX in row for row in ours["labels"]) == bool(
         kwargs.get("assistant_only_loss") or (fmt.startswith("prompt") and kwargs.get("completion_only_loss", True)))
+
+
+def test_formatting_func_equals_trl(tokenizer):
+    dataset = datasets.Dataset.from_list([{"question": c["messages"][-2]["content"],
+                                           "answer": c["messages"][-1]["content"]} for c in SUBSET])  # fmt: skip
+
+    def fmt(example):
+        return f"Q : {example['question']} A : {example['answer']}"
+
+    ref = _trl_prepared(dataset, tokenizer, formatting_func=fmt, max_length=16)
+    ours = prepare_sft_dataset(dataset, tokenizer, formatting_func=fmt, max_length=16)
+    assert ours["input_ids"] == ref["input_ids"] and ours["labels"] == ref["labels"]
+    assert all(row[-1] == tokenizer.eos_token_id for row in ours["input_ids"] if len(row) < 16)
 
 
 def _chat_ids(tokenizer, messages, **kwargs) -> list[int]:
@@ -151,6 +165,9 @@ def test_file_inputs_and_errors(tokenizer, tmp_path):
     for name in ("chat.jsonl", "chat.parquet"):
         got = prepare_sft_dataset(str(tmp_path / name), tokenizer, max_length=32, packing=True)
         assert got["input_ids"] == expected["input_ids"] and got["labels"] == expected["labels"]
+    streamed = list(prepare_sft_dataset(dataset.to_iterable_dataset(), tokenizer, max_length=32, packing=True))
+    assert [r["input_ids"] for r in streamed] == expected["input_ids"]
+    assert [r["labels"] for r in streamed] == expected["labels"]
     with pytest.raises(ValueError, match=r"train_dataset: .*chat\.csv: expected a \.json, \.jsonl or \.parquet"):
         prepare_sft_dataset(tmp_path / "chat.csv", tokenizer, max_length=32)
     with pytest.raises(ValueError, match="no such file"):
@@ -163,6 +180,10 @@ def test_file_inputs_and_errors(tokenizer, tmp_path):
         prepare_sft_dataset(dataset, tokenizer, max_length=None, packing=True)
     with pytest.raises(ValueError, match="assistant_only_loss=True needs a conversational dataset"):
         prepare_sft_dataset(_datasets(tokenizer)["text"], tokenizer, max_length=32, assistant_only_loss=True)
+    plain = build_chat_tokenizer(message_texts(CONVERSATIONS))
+    plain.chat_template = plain.chat_template.replace("{% generation %}", "").replace("{% endgeneration %}", "")
+    with pytest.raises(ValueError, match=r"assistant_only_loss=True: an example has no assistant tokens.*generation"):
+        prepare_sft_dataset(dataset, plain, max_length=32, assistant_only_loss=True)
     with pytest.raises(ValueError, match="more than max_length=8"):
         FixedShapeCollator(tokenizer.pad_token_id, 8)([{"input_ids": list(range(9))}])
 
