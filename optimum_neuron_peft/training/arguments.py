@@ -69,6 +69,12 @@ class TrainingArguments(transformers.TrainingArguments):
         tp = self.tensor_parallel_size
         if tp is not None and (isinstance(tp, bool) or not isinstance(tp, int) or tp < 1):
             raise ConfigError(f"TrainingArguments.tensor_parallel_size must be an int >= 1, got {tp!r}")
+        if self.hardware is not None and self.hardware not in ("trn1", "trn2"):
+            raise ConfigError(f"TrainingArguments.hardware must be 'trn1' or 'trn2' (or leave it unset and give "
+                              f"peak_flops_per_device), got {self.hardware!r}")  # fmt: skip
+        peak = self.peak_flops_per_device
+        if peak is not None and not (isinstance(peak, (int, float)) and peak > 0):
+            raise ConfigError(f"TrainingArguments.peak_flops_per_device must be a positive number, got {peak!r}")
         m = self.kv_size_multiplier
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ConfigError(f"TrainingArguments.kv_size_multiplier must be an int >= 1, got {m!r}")

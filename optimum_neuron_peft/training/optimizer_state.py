@@ -45,7 +45,8 @@ def consolidated_optimizer_state(
     for group in _ordered_params(optimizer):
         for param in group:
             if id(param) not in names:
-                raise CheckpointError("the optimizer holds a parameter outside the adapter; only adapters resume")
+                raise CheckpointError(f"checkpoint: the optimizer holds a parameter outside adapter {adapter!r}; "
+                                      "checkpoints hold the optimizer state of one trained adapter")  # fmt: skip
             for key, value in optimizer.state.get(param, {}).items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0:
                     tensor_state.setdefault(key, {})[names[id(param)]] = value.detach().contiguous()

@@ -58,9 +58,15 @@ def test_gradient_checkpointing_needs_the_model_method(model, tmp_path):
         Trainer(model=model, args=args, train_dataset=dataset())
 
 
-def test_bad_layout_values_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="tensor_parallel_size must be an int >= 1, got 0"):
-        TrainingArguments(output_dir=str(tmp_path / "out"), tensor_parallel_size=0)
+@pytest.mark.parametrize("field,value,message", [
+    ("tensor_parallel_size", 0, "tensor_parallel_size must be an int >= 1, got 0"),
+    ("kv_size_multiplier", -1, "kv_size_multiplier must be an int >= 1, got -1"),
+    ("hardware", "trn3", "hardware must be 'trn1' or 'trn2'"),
+    ("peak_flops_per_device", 0.0, "peak_flops_per_device must be a positive number, got 0.0"),
+])  # fmt: skip
+def test_bad_values_are_refused(tmp_path, field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        TrainingArguments(output_dir=str(tmp_path / "out"), **{field: value})
 
 
 def test_load_best_model_at_end_reads_our_checkpoint(model, tmp_path):

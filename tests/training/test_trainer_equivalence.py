@@ -99,7 +99,8 @@ def test_throughput_metrics(root):
 
     from optimum_neuron_peft.training.flops import model_step_flops
 
-    log, _, _ = our_run(root, root / "tp1_metrics", tp=1, logging_steps=2)
+    peak = 2e9  # FLOP/s of one device, so that the MFU is logged
+    log, _, _ = our_run(root, root / "tp1_metrics", tp=1, logging_steps=2, peak_flops_per_device=peak)
     tokens_per_step = 2 * 2 * SEQ  # per_device_train_batch_size x gradient_accumulation_steps x dp, full rows
     flops_per_step = 2 * model_step_flops(AutoConfig.from_pretrained(make_base(root)), lora_config(), 2, SEQ).total
     assert len(log) == 2
@@ -108,10 +109,11 @@ def test_throughput_metrics(root):
         assert entry["tokens_per_second_per_device"] == entry["tokens_per_second"]  # one device
         assert entry["flops_per_second"] * entry["step_time"] == pytest.approx(flops_per_step, rel=1e-6)
         assert 10 < entry["peak_host_memory_mb"] < 1e6
-        assert "mfu" not in entry  # no peak known on CPU
+        assert entry["mfu"] == pytest.approx(entry["flops_per_second"] / peak, rel=1e-9)
     summary = json.loads((root / "tp1_metrics" / "training_summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] == 4 * tokens_per_step
-    assert summary["flops"] == 4 * flops_per_step and summary["mfu"] is None
+    assert summary["flops"] == 4 * flops_per_step
+    assert summary["mfu"] == pytest.approx(summary["flops_per_second"] / peak, rel=1e-9)
 
 
 def test_resume_same_layout_is_bit_exact(tp2_runs):
