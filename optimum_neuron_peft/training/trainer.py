@@ -336,6 +336,14 @@ class Trainer(transformers.Trainer):
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
                                          learning_rate=learning_rate)  # fmt: skip
 
+    def _track_num_input_tokens(self, inputs) -> None:
+        before = self.state.num_input_tokens_seen
+        super()._track_num_input_tokens(inputs)  # this replica's tokens (accelerate's gather is single-process)
+        if self.args.include_num_input_tokens_seen != "no" and self.dp_size > 1:
+            added = torch.tensor(self.state.num_input_tokens_seen - before, dtype=torch.int64)
+            dist.all_reduce(added, group=get_data_parallel_group())
+            self.state.num_input_tokens_seen = before + int(added)
+
     def _finalize_training(self, trial, num_train_samples, start_time):
         if self.dp_size > 1:
             self._dp_average_([self._tr_loss])

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 # 4 query heads and 1 key/value head: at tp 2 and 4 the kv head is replicated (kv_size_multiplier > 1).
 VOCAB, HIDDEN, INTER, LAYERS, HEADS, KV_HEADS, SEQ, SAMPLES = 64, 32, 64, 2, 4, 1, 16, 16
-LOG_KEYS = ("loss", "grad_norm", "learning_rate")
+LOG_KEYS = ("loss", "grad_norm", "learning_rate", "num_input_tokens_seen")
 
 
 def make_base(root: Path) -> Path:
@@ -62,6 +62,7 @@ def common_args(**overrides: Any) -> dict[str, Any]:
         per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=4, learning_rate=2e-2,
         lr_scheduler_type="linear", warmup_steps=1, max_grad_norm=0.05, weight_decay=0.01, logging_steps=1,
         save_strategy="no", report_to="none", seed=0, use_cpu=True, disable_tqdm=True, per_device_eval_batch_size=4,
+        include_num_input_tokens_seen="all",
     )  # fmt: skip
     args.update(overrides)
     return args
