@@ -50,8 +50,8 @@ def run(kind: str, base: Path, out: Path, data, cli: argparse.Namespace) -> list
         from optimum_neuron_peft.training import Trainer, TrainingArguments
 
         destroy_model_parallel()
-        trainer = Trainer(model=str(base), args=TrainingArguments(**common), train_dataset=data,
-                          data_collator=transformers.default_data_collator, peft_config=lora, callbacks=[timer])  # fmt: skip
+        trainer = Trainer(model=str(base), args=TrainingArguments(**common), train_dataset=data, peft_config=lora,
+                          data_collator=transformers.default_data_collator, callbacks=[timer])  # fmt: skip
     trainer.train()
     return timer.times[cli.warmup:]
 

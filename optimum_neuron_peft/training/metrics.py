@@ -16,7 +16,7 @@ import json
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -114,4 +114,4 @@ def write_summary(path: Path, summary: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-__all__ = ["ThroughputMeter", "Window", "asdict", "peak_host_memory_mb", "write_summary"]
+__all__ = ["ThroughputMeter", "Window", "peak_host_memory_mb", "write_summary"]

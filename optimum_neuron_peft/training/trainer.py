@@ -285,6 +285,7 @@ class Trainer(transformers.Trainer):
     # -- logging ----------------------------------------------------------------------------------------------
 
     def train(self, *args, **kwargs):
+        self._shares = None  # the trainable parameters may have changed since a previous call
         self._meter = ThroughputMeter(self._flops_of_batch(), self.args.world_size, get_data_parallel_group(),
                                       self._peak_flops_per_device())  # fmt: skip
         if not self.args.activation_checkpointing:

@@ -132,8 +132,8 @@ def test_checkpoint_contents(root, tp2_runs):
                                                                                          "checkpoint-4"]
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")], "a staging directory was left behind"
     ckpt = run / "checkpoint-4"
-    for name in ("adapter/adapter_default/adapter_config.json", "optimizer.safetensors", "optimizer.json", "scheduler.pt",
-                 "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "layout.json"):  # fmt: skip
+    for name in ("adapter/adapter_default/adapter_config.json", "optimizer.safetensors", "optimizer.json",
+                 "scheduler.pt", "rng_state_0.pth", "rng_state_1.pth", "trainer_state.json", "layout.json"):  # fmt: skip
         assert (ckpt / name).is_file(), name
     assert json.loads((ckpt / "layout.json").read_text())["tensor_parallel_size"] == 2
     assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 4
@@ -154,6 +154,7 @@ def dp_runs(root):
         ("tp2dp2", "ours", dict(tp=2, sequence_parallel=True, save_strategy="steps", save_steps=1,
                                 save_total_limit=2)),  # fmt: skip
         ("tp4", "ours", dict(tp=4)),
+        ("tp4_sp", "ours", dict(tp=4, sequence_parallel=True)),
         # the same global batch (4 rows x 2 micro-batches x dp 1) from the tp 2 x dp 2 checkpoint
         ("tp4_resumed", "ours", dict(tp=4, per_device_train_batch_size=4,
                                      resume=str(root / "tp2dp2" / "checkpoint-3"))),  # fmt: skip
@@ -175,8 +176,9 @@ def test_tp2_dp2_equals_transformers_trainer_ddp(reference, dp_runs):
 
 
 @pytest.mark.slow
-def test_tp4_equals_transformers_trainer(reference, dp_runs):
-    assert_same_training(dp_runs["tp4"], reference)
+@pytest.mark.parametrize("name", ["tp4", "tp4_sp"])
+def test_tp4_equals_transformers_trainer(reference, dp_runs, name):
+    assert_same_training(dp_runs[name], reference)
 
 
 @pytest.mark.slow
