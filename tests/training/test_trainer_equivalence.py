@@ -3,9 +3,11 @@
 Every run starts from the same vanilla adapter (non-zero lora_B) on a tiny GQA Llama (4 query heads, 1 kv head:
 replicated at tp 2 and 4), with gradient accumulation (rows with different label-token counts), a linear schedule
 with warmup, weight decay and clipping that acts (max_grad_norm below the norms). Compared: log_history's loss,
-grad_norm and learning_rate at every step, the trained adapter written by ``save_model`` and the eval_loss of
-``evaluate()`` (rtol 1e-4).
-References: transformers.Trainer in one process, and in 2 DDP gloo processes for tp 2 x dp 2.
+grad_norm, learning_rate and num_input_tokens_seen at every step, the trained adapter written by ``save_model``
+and the eval_loss of ``evaluate()`` (rtol 1e-4), at tp 1, 2 and 4 with and without sequence parallelism and at
+tp 2 x dp 2. References: transformers.Trainer in one process, and in 2 DDP gloo processes for tp 2 x dp 2.
+Resumed runs (same layout: bit for bit; tp 2 -> 1, tp 2 x dp 2 -> tp 4 x dp 1) equal the uninterrupted ones.
+Spawns of 4 processes are marked slow.
 """
 
 from __future__ import annotations
