@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,12 @@ from ..peft.model import PeftModel, load_original_adapter_weights, read_vanilla_
 from .arguments import TrainingArguments
 from .metrics import ThroughputMeter, write_summary
 from .gradients import average_over_group_, clip_grads_with_norm_, global_grad_norm, norm_shares
-from .optimizer_state import consolidated_optimizer_state, load_optimizer_state, save_optimizer_state
+from .optimizer_state import (
+    OPTIMIZER_WEIGHTS,
+    consolidated_optimizer_state,
+    load_optimizer_state,
+    save_optimizer_state,
+)
 
 TRAINER_STATE_NAME = "trainer_state.json"
 SCHEDULER_NAME = "scheduler.pt"
@@ -491,6 +497,10 @@ class Trainer(transformers.Trainer):
         if checkpoint is None:
             return
         checkpoint = Path(checkpoint)
+        if not (checkpoint / OPTIMIZER_WEIGHTS).is_file():  # save_only_model: as transformers, start afresh
+            warnings.warn(f"{checkpoint}: no optimizer state ({OPTIMIZER_WEIGHTS}); the optimizer and scheduler start "
+                          "afresh", stacklevel=2)  # fmt: skip
+            return
         if isinstance(self.model, PeftModel):
             load_optimizer_state(checkpoint, self.model, self.optimizer)
         if (checkpoint / SCHEDULER_NAME).is_file() and self.lr_scheduler is not None:
