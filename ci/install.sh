@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install --disable-pip-version-check -q "torch==2.13.0"
-python3 -m pip install --disable-pip-version-check -q -c ci/constraints.txt -e ".[test,demo]"
+python3 -m pip install --disable-pip-version-check -q -c ci/constraints.txt -e ".[test,demo,train]"

@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reshard": ("optimum_neuron_peft.cli.reshard", "convert a checkpoint to another tensor-parallel size"),
     "verify": ("optimum_neuron_peft.cli.verify", "check a consolidated directory against its sharded checkpoint"),
     "merge": ("optimum_neuron_peft.cli.merge", "combine adapters (TIES, DARE, SVD...) or merge one into base weights"),
+    "train": ("optimum_neuron_peft.cli.train", "LoRA fine-tuning (SFT) on dp x tp local processes, then the adapter"),
 }
 
 DEBUG_ENV = "OPTIMUM_NEURON_PEFT_DEBUG"  # set to 1 (or pass --debug) to see the traceback of an error
@@ -41,7 +42,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     alone is imported, the others are listed with their help line."""
     parser = argparse.ArgumentParser(
         prog="optimum-neuron-peft",
-        description="Tensor-parallel LoRA fine-tuning tools: consolidation, resharding, merging, demo.",
+        description="Tensor-parallel LoRA fine-tuning tools: training, consolidation, resharding, merging, demo.",
     )
     parser.add_argument("--debug", action="store_true",
                         help=f"show the traceback of an error (anywhere on the command line; or {DEBUG_ENV}=1)")  # fmt: skip

@@ -68,6 +68,10 @@ class ParallelForCausalLM(nn.Module):
 
     model_type: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
+    # What transformers.Trainer reads to normalise the loss like for its own causal LMs: it passes
+    # ``num_items_in_batch`` (the label-token count of the whole accumulated batch) and counts labels[..., 1:].
+    accepts_loss_kwargs: ClassVar[bool] = True
+    loss_type: ClassVar[str] = "ForCausalLM"
 
     def __init__(self, hf_config: Any, plan: ParallelPlan | None = None) -> None:
         super().__init__()
@@ -96,8 +100,12 @@ class ParallelForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
         return_local_logits: bool = False,
+        num_items_in_batch: int | torch.Tensor | None = None,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward; ``loss`` is Transformers' (shifted labels, -100 ignored, mean), equal on every rank.
+
+        With ``num_items_in_batch`` (given by transformers.Trainer under gradient accumulation) the loss is the sum
+        over this batch's label tokens divided by it, as Transformers' ``ForCausalLMLoss`` does.
 
         ``logits`` are the full-vocabulary logits (B, S, V), all-gathered over the tensor-parallel group; with
         ``return_local_logits`` they are this rank's vocab slice (B, S, V/tp) and nothing is gathered; with
@@ -108,16 +116,23 @@ class ParallelForCausalLM(nn.Module):
         local_logits = self.lm_head(hidden)  # (B, S, V/tp): the column-parallel head gathers the sequence shards
         if self.arch.logits_scaling != 1.0:
             local_logits = local_logits / self.arch.logits_scaling
-        loss = None if labels is None else self.loss(local_logits, labels)
+        loss = None if labels is None else self.loss(local_logits, labels, num_items_in_batch)
         logits = None
         if return_logits:
             logits = local_logits if return_local_logits else gather_from_tensor_parallel_region(local_logits, self.tp)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def loss(self, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean cross entropy of next-token prediction over the tokens whose shifted label is not -100."""
+    def loss(
+        self, local_logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean cross entropy of next-token prediction over the tokens whose shifted label is not -100 (or their
+        sum divided by ``num_items_in_batch`` when given)."""
         shifted = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
         per_token = parallel_cross_entropy(local_logits, shifted, ignore_index=IGNORE_INDEX, tp=self.tp)
+        if num_items_in_batch is not None:
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(per_token.device)
+            return per_token.sum() / num_items_in_batch
         return per_token.sum() / (shifted != IGNORE_INDEX).sum()
 
     def _check_inputs(self, input_ids, attention_mask, labels) -> None:

@@ -89,12 +89,16 @@ def consolidate_adapter(
     return to_original_weights(specs, sharded, parameters, adapter_name=adapter_name)
 
 
-def load_original_adapter_weights(model: nn.Module, original: Mapping[str, torch.Tensor], adapter_name: str) -> None:
-    """Copy an adapter given in ORIGINAL names (no ``base_model.model.``, no adapter name) into this rank's shards.
+def local_adapter_tensors(
+    model: nn.Module, original: Mapping[str, torch.Tensor], adapter_name: str
+) -> dict[str, tuple[nn.Parameter, torch.Tensor]]:
+    """This rank's slices of tensors given in ORIGINAL names (no ``base_model.model.``, no adapter name), by local
+    name, each with the parameter it belongs to: what the adapter's parameters, or any state shaped like them (the
+    optimizer's moments), hold on this rank.
 
     Bit-exact: only slicing and permutations. Every LoRA parameter of the adapter must be covered, and every tensor
     must find its parameter. Base weights saved with the adapter (PEFT saves ``embed_tokens`` / ``lm_head`` as
-    ``<module>.base_layer.weight`` when they are targeted) are loaded into the base layers.
+    ``<module>.base_layer.weight`` when they are targeted) map to the base layers.
     """
     inner = unwrap_model(model)
     specialize_transformation_specs_for_model(inner)
@@ -117,11 +121,19 @@ def load_original_adapter_weights(model: nn.Module, original: Mapping[str, torch
             f"adapter {adapter_name!r}: the saved adapter does not match the model's LoRA layers; "
             f"missing {missing[:5]} ({len(missing)}), unexpected {unexpected[:5]} ({len(unexpected)})"
         )
+    out = {}
+    for name, tensor in local.items():
+        param = params[name]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise CheckpointError(f"{name}: the adapter gives shape {tuple(tensor.shape)}, the model {tuple(param.shape)}")
+        out[name] = (param, tensor)
+    return out
+
+
+def load_original_adapter_weights(model: nn.Module, original: Mapping[str, torch.Tensor], adapter_name: str) -> None:
+    """Copy an adapter given in ORIGINAL names into this rank's shards (see `local_adapter_tensors`)."""
     with torch.no_grad():
-        for name, tensor in local.items():
-            param = params[name]
-            if tuple(param.shape) != tuple(tensor.shape):
-                raise CheckpointError(f"{name}: the adapter gives shape {tuple(tensor.shape)}, the model {tuple(param.shape)}")
+        for param, tensor in local_adapter_tensors(model, original, adapter_name).values():
             param.copy_(tensor)
 
 
@@ -305,5 +317,6 @@ __all__ = [
     "get_peft_model",
     "load_original_adapter_weights",
     "local_adapter_state_dict",
+    "local_adapter_tensors",
     "read_vanilla_adapter",
 ]
