@@ -5,6 +5,7 @@ group at tp = 1. Nothing here imports torch_xla or neuronx-distributed. See docs
 """
 
 from .attributes import (
+    TP_ATTRIBUTES,
     allreduce_sequence_parallel_gradients,
     copy_tensor_model_parallel_attributes,
     is_tensor_model_parallel,
@@ -40,6 +41,7 @@ from .state import (
 )
 
 __all__ = [
+    "TP_ATTRIBUTES",
     "ColumnParallelLinear",
     "GQAQKVColumnParallelLinear",
     "ParallelEmbedding",

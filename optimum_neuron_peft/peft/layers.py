@@ -35,6 +35,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..parallel import (
+    TP_ATTRIBUTES,
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
@@ -144,7 +145,38 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = False
         self.scaling[adapter_name] = lora_scaling(r, lora_alpha, config.use_rslora)
         self._create_adapter(adapter_name, r, lora_alpha, config, kwargs.get("target_name") or "")
+        self._record_parallel_attributes()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # -- tensor-parallel attributes -------------------------------------------------------------------------
+
+    def _record_parallel_attributes(self) -> None:
+        """Remember the tensor-parallel attributes of every LoRA parameter, by its name in this layer.
+
+        PEFT replaces adapter parameters by new ones when it casts them (``autocast_adapter_dtype``: bf16/fp16
+        adapters become fp32 ``nn.Parameter``s), which drops the attributes; `restore_parallel_attributes` puts
+        them back. Without them a row-parallel lora_A looks replicated: loading would not slice it and saving
+        would write this rank's shard as the full tensor.
+        """
+        recorded = getattr(self, "_lora_parallel_attributes", {})
+        for name, param in self.named_parameters():
+            if name.startswith("base_layer.") or not hasattr(param, "tensor_model_parallel"):
+                continue
+            recorded.setdefault(name, {attr: getattr(param, attr) for attr in TP_ATTRIBUTES})
+        self._lora_parallel_attributes = recorded
+
+    def restore_parallel_attributes(self) -> None:
+        """Re-set the recorded tensor-parallel attributes on the current LoRA parameters (see above)."""
+        recorded = getattr(self, "_lora_parallel_attributes", {})
+        for name, param in self.named_parameters():
+            for attr, value in recorded.get(name, {}).items():
+                setattr(param, attr, value)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        recorded = getattr(self, "_lora_parallel_attributes", {})
+        for name in [n for n in recorded if f".{adapter_name}." in f".{n}."]:
+            del recorded[name]
 
     def _create_adapter(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, target_name: str) -> None:
         raise NotImplementedError
