@@ -73,8 +73,7 @@ class LoraGQAQKVColumnParallelLinear(MultiProjectionLora):
         x = _input_for_column(base, x)
         out = dict(zip(QKV, result))
         for adapter in adapters:
-            for key, y in self._branches(x, adapter).items():
-                out[key] = out[key] + y.to(out[key].dtype)
+            out = self._add_branches(x, adapter, out)
         return out["q"], out["k"], out["v"]
 
     def _deltas(self, adapter_name):

@@ -194,10 +194,29 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
         if self.merged:
             return result
         active = [a for a in self.active_adapters if a in self.lora_A or a in self.lora_embedding_A]
-        return self._lora_forward(x, result, active) if active else result
+        if not active:
+            return result
+        # Like PEFT: the LoRA terms are added in the adapter's dtype (fp32 over a bf16 base), then the sum is cast
+        # back to the base output's dtype once.
+        out = self._lora_forward(x, result, active)
+        if isinstance(result, tuple):
+            return tuple(o.to(r.dtype) for o, r in zip(out, result))
+        return out.to(result.dtype)
 
     def _lora_forward(self, x: torch.Tensor, result: Any, adapters: list[str]) -> Any:
         raise NotImplementedError
+
+    @staticmethod
+    def _add_up(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float, base: nn.Module) -> torch.Tensor:
+        """``result + (h B^T) * scaling`` for a branch whose h is complete and replicated (row-parallel, embedding).
+
+        Under sequence parallelism the base output is this rank's sequence chunk: y is computed on the whole
+        sequence, then split, so that the replicated B gets its full gradient on every rank.
+        """
+        if base.sequence_parallel_enabled:
+            y = scatter_to_sequence_parallel_region(F.linear(h, b), base.sequence_dim, base.tp)
+            return torch.add(result, y, alpha=scaling)
+        return add_scaled_matmul(result, h, b, scaling)
 
     # -- merge ----------------------------------------------------------------------------------------------
 
@@ -245,6 +264,15 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def add_scaled_matmul(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + (h @ b^T) * scaling``, with the scaling and the addition folded into one matmul (addmm) when the
+    dtypes agree; otherwise (fp32 adapter over a bf16 base) PEFT's promoted add."""
+    if out.dtype == h.dtype == b.dtype and out.shape[:-1] == h.shape[:-1]:
+        n = out.shape[-1]
+        return torch.addmm(out.reshape(-1, n), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling).view(out.shape)
+    return torch.add(out, F.linear(h, b), alpha=scaling)
+
+
 def _input_for_column(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The full-sequence input a column-parallel LoRA branch sees. The gathered copy feeds a replicated computation
     (lora_A) whose gradient is already complete on every rank, so its backward only splits."""
@@ -278,10 +306,11 @@ class LoraColumnParallelLinear(ParallelLoraLayer):
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             h = F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a)
             h = copy_to_tensor_parallel_region(h, self.tp)
-            y = F.linear(h, b) * self.scaling[adapter]
             if base.gather_output:
-                y = gather_from_tensor_parallel_region(y, self.tp)
-            result = result + y.to(result.dtype)
+                y = gather_from_tensor_parallel_region(F.linear(h, b), self.tp)
+                result = torch.add(result, y, alpha=self.scaling[adapter])
+            else:
+                result = add_scaled_matmul(result, h, b, self.scaling[adapter])
         return result
 
     def _deltas(self, adapter_name):
@@ -312,10 +341,7 @@ class LoraRowParallelLinear(ParallelLoraLayer):
         for adapter in adapters:
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             h = reduce_from_tensor_parallel_region(F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a), self.tp)
-            y = F.linear(h, b) * self.scaling[adapter]
-            if base.sequence_parallel_enabled:  # the base output is this rank's sequence chunk
-                y = scatter_to_sequence_parallel_region(y, base.sequence_dim, self.tp)
-            result = result + y.to(result.dtype)
+            result = self._add_up(result, h, b, self.scaling[adapter], base)
         return result
 
     def _deltas(self, adapter_name):
@@ -349,10 +375,7 @@ class LoraParallelEmbedding(ParallelLoraLayer):
             if outside is not None:
                 h = h.masked_fill(outside.unsqueeze(-1), 0.0)
             h = reduce_from_tensor_parallel_region(h, self.tp)
-            y = (h @ b.T) * self.scaling[adapter]
-            if base.sequence_parallel_enabled:
-                y = scatter_to_sequence_parallel_region(y, base.sequence_dim, self.tp)
-            result = result + y.to(result.dtype)
+            result = self._add_up(result, h, b, self.scaling[adapter], base)
         return result
 
     def _deltas(self, adapter_name):
