@@ -45,7 +45,7 @@ class ParallelDecoderModel(nn.Module):
         self.embed_tokens = plan.embedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config, plan, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=plan.dtype, device=plan.device,
-                            sequence_parallel=plan.sequence_parallel)  # fmt: skip
+                            sequence_parallel=plan.sequence_parallel, tp=plan.tp)  # fmt: skip
         self.rotary_emb = RotaryEmbedding(hf_config, config)
         self.gradient_checkpointing = False
         self._checkpoint_every_n_layers = 1
@@ -183,10 +183,12 @@ class ParallelForCausalLM(nn.Module):
     is_activation_checkpointing = is_gradient_checkpointing
 
     def allreduce_sequence_parallel_gradients(self) -> None:
-        """Complete the gradients of the norm weights (and row-parallel biases) under sequence parallelism.
+        """Kept for existing training loops: a no-op now.
 
-        Call once after the last backward of an optimizer step, before clipping; a no-op without sequence
-        parallelism.
+        Under sequence parallelism the norm weights and row-parallel biases get their gradients summed over the
+        tensor-parallel group during backward (`reduce_gradient_in_backward`), so nothing is left to do and calling
+        this (once, twice, or not at all) never reduces twice. Parameters marked by hand with
+        `mark_sequence_parallel` (without ``reduced_in_backward``) are still completed here.
         """
         if self.plan.sequence_parallel:
             allreduce_sequence_parallel_gradients(self, self.tp)

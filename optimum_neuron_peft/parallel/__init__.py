@@ -10,6 +10,7 @@ from .attributes import (
     copy_tensor_model_parallel_attributes,
     is_tensor_model_parallel,
     mark_sequence_parallel,
+    reduce_gradient_in_backward,
     set_tensor_model_parallel_attributes,
 )
 from .gqa import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient
@@ -69,6 +70,7 @@ __all__ = [
     "model_parallel_is_initialized",
     "parallel_cross_entropy",
     "reduce_from_tensor_parallel_region",
+    "reduce_gradient_in_backward",
     "reduce_kv_replica_gradient",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .attributes import mark_sequence_parallel, set_tensor_model_parallel_attributes
+from .attributes import mark_sequence_parallel, reduce_gradient_in_backward, set_tensor_model_parallel_attributes
 from .mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -128,8 +128,8 @@ class RowParallelLinear(nn.Module):
 
     ``input_is_parallel``: x already holds this rank's (..., in/tp) slice (the output of a `ColumnParallelLinear`
     with ``gather_output=False``); otherwise the full x is split here. The bias is replicated and added once,
-    after the reduction; under sequence parallelism it only sees the sequence shard, so it is marked for
-    `allreduce_sequence_parallel_gradients`.
+    after the reduction; under sequence parallelism it only sees the sequence shard, so its gradient is summed over
+    the group in backward (`reduce_gradient_in_backward`).
     """
 
     def __init__(
@@ -158,8 +158,8 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = _new_param((output_size,), dtype, device, uniform_init(input_size))
             set_tensor_model_parallel_attributes(self.bias, False, 0, 1, 1)
-            if sequence_parallel_enabled:
-                mark_sequence_parallel(self.bias)
+            if sequence_parallel_enabled:  # completed in backward (see forward)
+                mark_sequence_parallel(self.bias, reduced_in_backward=True)
         else:
             self.register_parameter("bias", None)
 
@@ -171,7 +171,10 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence_parallel_region(y, self.sequence_dim, self.tp)
         else:
             y = reduce_from_tensor_parallel_region(y, self.tp)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is None:
+            return y
+        # Under sequence parallelism the bias only sees this rank's sequence chunk: sum its gradient in backward.
+        return y + (reduce_gradient_in_backward(self.bias, self.tp) if self.sequence_parallel_enabled else self.bias)
 
     def extra_repr(self) -> str:
         return (
