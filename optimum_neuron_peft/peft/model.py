@@ -271,11 +271,15 @@ class _ParallelPeftMixin:
     def _save_consolidated(self, directory: Path, adapter: str) -> None:
         from safetensors.torch import save_file
 
+        from ..parallel import get_data_parallel_rank
+
         tensors = self.consolidated_adapter_state_dict(adapter)
-        if model_tp(self).rank != 0:
-            return
+        if model_tp(self).rank != 0 or get_data_parallel_rank() != 0:
+            return  # one writer: data-parallel replicas hold the same adapter
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS))
+        partial = directory / f".{ADAPTER_WEIGHTS}.partial"
+        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(partial))
+        os.replace(partial, directory / ADAPTER_WEIGHTS)  # atomic: a reader never sees half a file
         self.original_peft_config(adapter).save_pretrained(str(directory))
 
 
