@@ -114,6 +114,7 @@ def run_dtype(root: Path, dtype_name: str, tp_size: int) -> dict[str, Any]:
             res.setdefault("grad_dtypes", set()).update(p.grad.dtype for p in pm.parameters() if p.grad is not None)
             opt.step()
             opt.zero_grad()
+        res["optimizer_state_dtypes"] = {v.dtype for st in opt.state.values() for v in st.values() if torch.is_tensor(v)}
         res["trained"] = pm.consolidated_adapter_state_dict()
         trained_dir = root / "out" / f"{case.name}_{dtype_name}_tp{tp_size}"
         pm.save_pretrained(trained_dir / "sharded")

@@ -119,6 +119,7 @@ def test_logits_and_training_match_vanilla_peft(setup, dtype, tp, case):
     ref, got = refs[dtype][case.name], results[tp][dtype][case.name]
     assert got["logits_dtype"] == DTYPES[dtype]
     assert got["grad_dtypes"] == {torch.float32}  # fp32 LoRA gradients, also over a bf16 base
+    assert got["optimizer_state_dtypes"] == {torch.float32}  # fp32 optimizer state (momentum buffers)
     trained, expected = _lora(got["trained"]), _lora(ref["trained"])
     moved = _max_diff(expected, _lora(ref["initial"]))
     if dtype == "fp32":
