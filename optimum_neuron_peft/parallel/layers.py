@@ -101,10 +101,19 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.parallel_input(x))
+
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input every rank multiplies: the gathered sequence (SP), or ``x`` with an all-reduce of its gradient.
+
+        Split from `project` so that a LoRA branch can share it: one gather, one gradient reduction for both.
+        """
         if self.sequence_parallel_enabled:
-            x = gather_from_sequence_parallel_region(x, self.sequence_dim, self.tp)
-        else:
-            x = copy_to_tensor_parallel_region(x, self.tp)
+            return gather_from_sequence_parallel_region(x, self.sequence_dim, self.tp)
+        return copy_to_tensor_parallel_region(x, self.tp)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output rows for a `parallel_input` (all-gathered to the full width with ``gather_output``)."""
         y = F.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return y
@@ -164,9 +173,17 @@ class RowParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_tensor_parallel_region(x, self.tp)
-        y = F.linear(x, self.weight)
+        return self.reduce_partial(F.linear(self.parallel_input(x), self.weight))
+
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's input columns."""
+        return x if self.input_is_parallel else scatter_to_tensor_parallel_region(x, self.tp)
+
+    def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the ranks' partial outputs (reduce-scatter to the sequence chunk under SP), then add the bias.
+
+        Split from `forward` so that a LoRA branch can add its own partial result before this single reduction.
+        """
         if self.sequence_parallel_enabled:
             y = reduce_scatter_to_sequence_parallel_region(y, self.sequence_dim, self.tp)
         else:

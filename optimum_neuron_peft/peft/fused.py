@@ -26,11 +26,10 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from ..errors import ConfigError
-from ..parallel import copy_to_tensor_parallel_region
+from ..parallel import reduce_gradient_in_backward
 from .layers import (
     LoraColumnParallelLinear,
     ParallelLoraLayer,
-    _input_for_column,
     add_scaled_matmul,
     chunk,
     draw_linear_adapter,
@@ -134,8 +133,10 @@ class MultiProjectionLora(ParallelLoraLayer):
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
         names = list(a_mod._parameters)
         a = torch.cat([a_mod._parameters[n] for n in names], dim=0) if len(names) > 1 else a_mod._parameters[names[0]]
+        # ``x`` is the base layer's parallel_input (see LoraColumnParallelLinear._forward_shared): the replicated
+        # A's partial gradients are summed in backward, one all-reduce for all projections.
+        a = reduce_gradient_in_backward(a, self.tp)
         h = F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a)
-        h = copy_to_tensor_parallel_region(h, self.tp)  # completes A's gradient on every rank (see layers.py)
         ranks = [self.projection_r[adapter][n.removeprefix("weight_")] for n in names]
         outputs = dict(outputs)
         for name, h_p in zip(names, h.split(ranks, dim=-1)):
@@ -186,15 +187,19 @@ class LoraFusedColumnParallelLinear(MultiProjectionLora):
         index = self._layout().keys.index(key)
         return chunk(full, 0, self._local_sizes()[index], self.tp.rank)
 
-    def _lora_forward(self, x, result, adapters):
+    def _shares_collectives(self) -> bool:
+        return True
+
+    def _forward_shared(self, x, adapters):
         base = self.get_base_layer()
-        x = _input_for_column(base, x)
+        x_full = base.parallel_input(x)
+        result = base.project(x_full)
         layout, sizes = self._layout(), self._local_sizes()
         # Per-projection views of the fused output; one concatenation at the end (no zero blocks, no extra add).
         outputs = dict(zip(layout.keys, result.split(sizes, dim=-1)))
         for adapter in adapters:
-            outputs = self._add_branches(x, adapter, outputs)
-        return torch.cat([outputs[key] for key in layout.keys], dim=-1)
+            outputs = self._add_branches(x_full, adapter, outputs)
+        return torch.cat([outputs[key] for key in layout.keys], dim=-1).to(result.dtype)
 
     def _deltas(self, adapter_name):
         layout, sizes = self._layout(), self._local_sizes()

@@ -3,17 +3,21 @@
 The sharding rule, written once (FORMATS.md section 2, STYLE.md point 7):
 
 - column-parallel base (output rows sharded): lora_A is replicated, lora_B is sharded like the base rows (dim 0).
-  The rank-r activation ``h = x A^T`` is identical on every rank, but each rank only sees the gradient flowing back
-  from its own rows of B, so ``h`` goes through `copy_to_tensor_parallel_region` (identity forward, all-reduce
-  backward): A's gradient is then the full-model gradient on every rank.
-- row-parallel base (input columns sharded): lora_A is sharded like the base columns (dim 1), its partial output is
-  all-reduced (`reduce_from_tensor_parallel_region`) BEFORE the replicated lora_B.
+  The LoRA branch multiplies the base layer's own `parallel_input` (the sequence all-gathered under sequence
+  parallelism, else ``x`` with an all-reduce of its gradient), so one collective serves both, and its backward sums
+  the base and LoRA input gradients together. Each rank's LoRA input gradient is then partial (from its rows of B),
+  and so is the gradient of the replicated lora_A: it is summed over the group in backward
+  (`reduce_gradient_in_backward`, a (r, in) all-reduce in fp32).
+- row-parallel base (input columns sharded): lora_A is sharded like the base columns (dim 1). By linearity the
+  LoRA partial result x_r A_r^T B^T * scaling is added to the base partial x_r W_r^T BEFORE the base layer's single
+  reduction (all-reduce, or reduce-scatter under sequence parallelism); the replicated lora_B's partial gradients
+  are summed in backward. The sum is taken in the adapter's dtype (fp32 over a bf16 base).
 - vocab-parallel embedding: lora_embedding_A (r, vocab) is sharded along the vocabulary (dim 1), like the base
   rows; lookups outside the rank's range give zeros and the partial results are all-reduced before lora_embedding_B.
+  Under sequence parallelism its output keeps this rank's sequence chunk, like the base output.
 
-With sequence parallelism the LoRA branch follows its base layer: it gathers the sequence where the base layer does
-(column) and keeps this rank's sequence chunk of its output where the base layer reduce-scatters (row, embedding).
-Gradients of every LoRA parameter are then complete on each rank; no extra all-reduce is needed.
+Gradients of every LoRA parameter are complete on each rank after backward; nothing needs to be called.
+``scaling`` is folded into the B matmul and the addition (one addmm).
 
 Initialization never depends on tp: every rank draws the FULL adapter of the original module (PEFT's
 distributions, in PEFT's order: A then B) from the same RNG stream, then keeps its shard. Seed before creating the
@@ -43,6 +47,7 @@ from ..parallel import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
+    reduce_gradient_in_backward,
     scatter_to_sequence_parallel_region,
     scatter_to_tensor_parallel_region,
     set_tensor_model_parallel_attributes,
@@ -190,20 +195,26 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         active = [a for a in self.active_adapters if a in self.lora_A or a in self.lora_embedding_A]
-        if not active:
+        if not self.merged and active and self._shares_collectives():
+            return self._forward_shared(x, active)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not active:
             return result
         # Like PEFT: the LoRA terms are added in the adapter's dtype (fp32 over a bf16 base), then the sum is cast
         # back to the base output's dtype once.
         out = self._lora_forward(x, result, active)
-        if isinstance(result, tuple):
-            return tuple(o.to(r.dtype) for o, r in zip(out, result))
-        return out.to(result.dtype)
+        return _cast_like(out, result)
 
     def _lora_forward(self, x: torch.Tensor, result: Any, adapters: list[str]) -> Any:
+        raise NotImplementedError
+
+    def _shares_collectives(self) -> bool:
+        """Whether `_forward_shared` applies: the base layer and the LoRA branch then share the base layer's
+        input collective (column) or output reduction (row) instead of issuing their own."""
+        return False
+
+    def _forward_shared(self, x: torch.Tensor, adapters: list[str]) -> Any:
         raise NotImplementedError
 
     @staticmethod
@@ -264,6 +275,12 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def _cast_like(out: Any, result: Any) -> Any:
+    if isinstance(result, tuple):
+        return tuple(o.to(r.dtype) for o, r in zip(out, result))
+    return out.to(result.dtype)
+
+
 def add_scaled_matmul(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """``out + (h @ b^T) * scaling``, with the scaling and the addition folded into one matmul (addmm) when the
     dtypes agree; otherwise (fp32 adapter over a bf16 base) PEFT's promoted add."""
@@ -306,12 +323,27 @@ class LoraColumnParallelLinear(ParallelLoraLayer):
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             h = F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a)
             h = copy_to_tensor_parallel_region(h, self.tp)
-            if base.gather_output:
-                y = gather_from_tensor_parallel_region(F.linear(h, b), self.tp)
-                result = torch.add(result, y, alpha=self.scaling[adapter])
-            else:
-                result = add_scaled_matmul(result, h, b, self.scaling[adapter])
+            y = gather_from_tensor_parallel_region(F.linear(h, b), self.tp)
+            result = torch.add(result, y, alpha=self.scaling[adapter])
         return result
+
+    def _shares_collectives(self) -> bool:
+        return not self.get_base_layer().gather_output
+
+    def _forward_shared(self, x, adapters):
+        """One input collective for the base layer and the LoRA branch: both multiply the base layer's
+        `parallel_input`, whose backward reduces (all-reduce, or reduce-scatter under SP) the sum of both input
+        gradients. The LoRA branch's share of that gradient is then this rank's partial (from its rows of B), so
+        h's gradient is not all-reduced; instead A, replicated, gets its partial gradients summed in backward."""
+        base = self.get_base_layer()
+        x_full = base.parallel_input(x)
+        result = base.project(x_full)
+        out = result
+        for adapter in adapters:
+            a = reduce_gradient_in_backward(self.lora_A[adapter].weight, self.tp)
+            h = F.linear(self.lora_dropout[adapter](x_full.to(a.dtype)), a)
+            out = add_scaled_matmul(out, h, self.lora_B[adapter].weight, self.scaling[adapter])
+        return out.to(result.dtype)
 
     def _deltas(self, adapter_name):
         return {"weight": (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[adapter_name]}
@@ -343,6 +375,23 @@ class LoraRowParallelLinear(ParallelLoraLayer):
             h = reduce_from_tensor_parallel_region(F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a), self.tp)
             result = self._add_up(result, h, b, self.scaling[adapter], base)
         return result
+
+    def _shares_collectives(self) -> bool:
+        return True
+
+    def _forward_shared(self, x, adapters):
+        """The LoRA partial result x_r A_r^T B^T s is added to the base partial x_r W_r^T before the base layer's
+        single reduction (sum over ranks of both is the full result, by linearity). B, replicated, then gets a
+        partial gradient on each rank, summed in backward (`reduce_gradient_in_backward`); A_r's is complete."""
+        base = self.get_base_layer()
+        x_local = base.parallel_input(x)
+        partial = F.linear(x_local, base.weight)
+        for adapter in adapters:
+            a = self.lora_A[adapter].weight
+            b = reduce_gradient_in_backward(self.lora_B[adapter].weight, self.tp)
+            h = F.linear(self.lora_dropout[adapter](x_local.to(a.dtype)), a)
+            partial = add_scaled_matmul(partial, h, b, self.scaling[adapter])  # fp32 over a bf16 base: reduced in fp32
+        return base.reduce_partial(partial).to(base.weight.dtype)
 
     def _deltas(self, adapter_name):
         return {"weight": (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[adapter_name]}
