@@ -71,6 +71,14 @@ class Shape:
 
 
 def _peak_rss_mib() -> float:
+    """Peak RSS of this process. VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over execve, so a
+    spawned worker would report at least its parent's RSS at the time of the fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
