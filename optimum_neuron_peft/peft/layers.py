@@ -49,7 +49,6 @@ from ..parallel import (
     reduce_from_tensor_parallel_region,
     reduce_gradient_in_backward,
     scatter_to_sequence_parallel_region,
-    scatter_to_tensor_parallel_region,
     set_tensor_model_parallel_attributes,
 )
 from .config import check_lora_config
@@ -217,18 +216,6 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
     def _forward_shared(self, x: torch.Tensor, adapters: list[str]) -> Any:
         raise NotImplementedError
 
-    @staticmethod
-    def _add_up(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float, base: nn.Module) -> torch.Tensor:
-        """``result + (h B^T) * scaling`` for a branch whose h is complete and replicated (row-parallel, embedding).
-
-        Under sequence parallelism the base output is this rank's sequence chunk: y is computed on the whole
-        sequence, then split, so that the replicated B gets its full gradient on every rank.
-        """
-        if base.sequence_parallel_enabled:
-            y = scatter_to_sequence_parallel_region(F.linear(h, b), base.sequence_dim, base.tp)
-            return torch.add(result, y, alpha=scaling)
-        return add_scaled_matmul(result, h, b, scaling)
-
     # -- merge ----------------------------------------------------------------------------------------------
 
     def _deltas(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -366,16 +353,6 @@ class LoraRowParallelLinear(ParallelLoraLayer):
         self.lora_A[adapter_name] = _linear(make_parameter(local_a, base.weight, 1, self.tp.size))
         self.lora_B[adapter_name] = _linear(make_parameter(b, base.weight, None, self.tp.size))
 
-    def _lora_forward(self, x, result, adapters):
-        base = self.get_base_layer()
-        if not base.input_is_parallel:
-            x = scatter_to_tensor_parallel_region(x, self.tp)
-        for adapter in adapters:
-            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-            h = reduce_from_tensor_parallel_region(F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a), self.tp)
-            result = self._add_up(result, h, b, self.scaling[adapter], base)
-        return result
-
     def _shares_collectives(self) -> bool:
         return True
 
@@ -424,7 +401,12 @@ class LoraParallelEmbedding(ParallelLoraLayer):
             if outside is not None:
                 h = h.masked_fill(outside.unsqueeze(-1), 0.0)
             h = reduce_from_tensor_parallel_region(h, self.tp)
-            result = self._add_up(result, h, b, self.scaling[adapter], base)
+            if base.sequence_parallel_enabled:
+                # y on the whole sequence, then this rank's chunk: the replicated B gets its full gradient
+                y = scatter_to_sequence_parallel_region(F.linear(h, b), base.sequence_dim, self.tp)
+                result = torch.add(result, y, alpha=self.scaling[adapter])
+            else:
+                result = add_scaled_matmul(result, h, b, self.scaling[adapter])
         return result
 
     def _deltas(self, adapter_name):
