@@ -24,6 +24,7 @@ baseline (python + torch + transformers + this package imported, nothing else) i
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import shutil
 import statistics
@@ -235,7 +236,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--mmap-threshold", type=int, default=0, metavar="BYTES",
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ in every worker (all configurations alike): blocks "
+                             "above it are mmapped and returned to the OS when freed, instead of fragmenting the heap")  # fmt: skip
     args = parser.parse_args()
+    if args.mmap_threshold:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)  # read by glibc when each worker starts
     shape = Shape(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1408, vocab=8192, seq=256) if args.quick else Shape()
 
     import transformers
@@ -250,7 +256,8 @@ def main() -> None:
         print(f"Llama hidden {shape.hidden}, {shape.layers} layers, {shape.heads}/{shape.kv_heads} heads, "
               f"intermediate {shape.intermediate}, vocab {shape.vocab}; LoRA r={shape.r} on 7 projections; batch "
               f"{shape.batch} x {shape.seq}; AdamW; {flop / 1e9:.0f} GFLOP per step (frozen base); median of "
-              f"{args.steps} steps after {args.warmup} warm-up, best of {args.rounds} rounds", flush=True)  # fmt: skip
+              f"{args.steps} steps after {args.warmup} warm-up, best of {args.rounds} rounds"
+              + (f"; MALLOC_MMAP_THRESHOLD_={args.mmap_threshold}" if args.mmap_threshold else ""), flush=True)  # fmt: skip
         baseline = spawn(baseline_worker, 1, timeout_s=600)[0]["rss"]
         gemm = {t: max(spawn(gemm_worker, 1, shape, t, 3, timeout_s=3600, num_threads=t)[0]["flop_per_s"]
                        for _ in range(args.rounds)) for t in (2, 1)}  # fmt: skip
