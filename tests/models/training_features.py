@@ -41,15 +41,15 @@ def grads_of(root: Path, lora: bool, dropout: float, sp: bool, checkpointing: bo
     from optimum_neuron_peft.peft import get_peft_model
 
     model = AutoModelForCausalLM.from_pretrained(root / f"base_dropout{dropout}", sequence_parallel=sp)
-    if checkpointing:
-        model.gradient_checkpointing_enable()
-        assert model.is_gradient_checkpointing
     trained: torch.nn.Module = model
     if lora:
         torch.manual_seed(1)
         config = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=dropout,
                                  init_lora_weights=False)  # fmt: skip
         trained = get_peft_model(model, config)
+    if checkpointing:  # on the PeftModel for LoRA: PEFT forwards the call to our model, as Transformers' Trainer does
+        trained.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        assert model.is_gradient_checkpointing
     trained.train()
     calls = []  # forward runs of layer 0: 2 when its activations were recomputed in backward
     model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))
