@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         get_data_parallel_size,
         initialize_model_parallel,
     )
+    from optimum_neuron_peft.parallel.zero import allreduce_data_parallel_gradients
 
     model_dir, output_dir = Path(args.model_dir), Path(args.output_dir)
     # Checks every rank makes before joining the group, so that a user error stops all ranks with one message.
@@ -295,11 +296,8 @@ def main(argv: list[str] | None = None) -> None:
         input_ids = batch[dp_rank * rows : (dp_rank + 1) * rows].to(device)
         loss = peft_model(input_ids=input_ids, labels=input_ids, return_logits=False).loss
         loss.backward()
-        peft_model.base_model.model.allreduce_sequence_parallel_gradients()  # no-op without sequence parallelism
-        if dp_size > 1:
-            for p in trainable:  # average the gradients of the data-parallel replicas
-                dist.all_reduce(p.grad, group=get_data_parallel_group())
-                p.grad.div_(dp_size)
+        # sequence-parallel gradients are already complete here (reduced in backward)
+        allreduce_data_parallel_gradients(trainable)  # mean over data-parallel replicas, in fp32; no-op at dp 1
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         mark_step(device)

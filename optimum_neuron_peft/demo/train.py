@@ -23,6 +23,7 @@ class TrainSettings:
     lora_alpha: int = 16
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     seed: int = 0
+    dtype: str = "float32"  # of the base model; "bfloat16": bf16 base, fp32 LoRA and optimizer state (docs/peft.md)
 
 
 @dataclass
@@ -44,7 +45,7 @@ def train_adapter(base_dir: Path, checkpoint_dir: Path, task: str, settings: Tra
     from ..models import AutoModelForCausalLM
     from ..peft import get_peft_model
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=settings.dtype)
     torch.manual_seed(settings.seed)  # same initial adapter on every rank and at every tp size
     config = LoraConfig(
         r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=0.0,

@@ -9,11 +9,13 @@ Parameter names are Transformers' names (``model.embed_tokens.weight``, ``model.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -43,8 +45,22 @@ class ParallelDecoderModel(nn.Module):
         self.embed_tokens = plan.embedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config, plan, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=plan.dtype, device=plan.device,
-                            sequence_parallel=plan.sequence_parallel)  # fmt: skip
+                            sequence_parallel=plan.sequence_parallel, tp=plan.tp)  # fmt: skip
         self.rotary_emb = RotaryEmbedding(hf_config, config)
+        self.gradient_checkpointing = False
+        self._checkpoint_every_n_layers = 1
+        self._gradient_checkpointing_func = None
+
+    def set_activation_checkpointing(self, enable: bool, checkpoint_kwargs: dict[str, Any] | None = None,
+                                     every_n_layers: int = 1) -> None:  # fmt: skip
+        """Recompute each decoder layer in backward instead of keeping its activations (see
+        `ParallelForCausalLM.gradient_checkpointing_enable`)."""
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ConfigError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
+        kwargs = {"use_reentrant": False, "preserve_rng_state": True, **(checkpoint_kwargs or {})}
+        self.gradient_checkpointing = bool(enable)
+        self._checkpoint_every_n_layers = every_n_layers
+        self._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs) if enable else None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Hidden states after the final norm: (B, S, D), or (B, S/tp, D) under sequence parallelism."""
@@ -55,8 +71,14 @@ class ParallelDecoderModel(nn.Module):
         cos, sin = self.rotary_emb(seq, h.dtype, h.device)
         windows = {effective_window(w, seq) for w in self.config.sliding_windows}
         masks = attention_masks(attention_mask, seq, windows, h.device)
-        for layer in self.layers:
-            h = layer(h, cos, sin, masks)
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        for index, layer in enumerate(self.layers):
+            if checkpointing and index % self._checkpoint_every_n_layers == 0:
+                # The layer's collectives (sequence all-gathers, tensor-parallel reductions) run again in the
+                # recomputation, in the same order on every rank; the RNG state is replayed for dropout.
+                h = self._gradient_checkpointing_func(layer, h, cos, sin, masks)
+            else:
+                h = layer(h, cos, sin, masks)
         return self.norm(h)
 
 
@@ -147,11 +169,41 @@ class ParallelForCausalLM(nn.Module):
                 f"got {input_ids.shape[1]}; pad the batch to a multiple of {self.tp.size}"
             )
 
-    def allreduce_sequence_parallel_gradients(self) -> None:
-        """Complete the gradients of the norm weights (and row-parallel biases) under sequence parallelism.
+    # -- activation checkpointing (Transformers' API) ---------------------------------------------------------
 
-        Call once after the last backward of an optimizer step, before clipping; a no-op without sequence
-        parallelism.
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Activation checkpointing per decoder layer, like Transformers' ``gradient_checkpointing_enable``.
+
+        ``gradient_checkpointing_kwargs`` go to `torch.utils.checkpoint.checkpoint`; the defaults are
+        ``use_reentrant=False`` (Transformers' default: works with frozen inputs and keyword arguments) and
+        ``preserve_rng_state=True`` (dropout draws the same masks in the recomputation). Only in training mode.
+        """
+        self.model.set_activation_checkpointing(True, gradient_checkpointing_kwargs)
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict[str, Any] | None = None,
+                                        every_n_layers: int = 1) -> None:  # fmt: skip
+        """Transformers 5's name of `gradient_checkpointing_enable`; ``every_n_layers`` checkpoints layers 0, n, 2n..."""
+        self.model.set_activation_checkpointing(True, activation_checkpointing_kwargs, every_n_layers)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.set_activation_checkpointing(False)
+
+    activation_checkpointing_disable = gradient_checkpointing_disable
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether activation checkpointing is on (PEFT and the Transformers Trainer read this name)."""
+        return self.model.gradient_checkpointing
+
+    is_activation_checkpointing = is_gradient_checkpointing
+
+    def allreduce_sequence_parallel_gradients(self) -> None:
+        """Kept for existing training loops: a no-op now.
+
+        Under sequence parallelism the norm weights and row-parallel biases get their gradients summed over the
+        tensor-parallel group during backward (`reduce_gradient_in_backward`), so nothing is left to do and calling
+        this (once, twice, or not at all) never reduces twice. Parameters marked by hand with
+        `mark_sequence_parallel` (without ``reduced_in_backward``) are still completed here.
         """
         if self.plan.sequence_parallel:
             allreduce_sequence_parallel_gradients(self, self.tp)

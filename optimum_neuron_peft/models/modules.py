@@ -16,7 +16,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..errors import ConfigError
-from ..parallel import TensorParallel, copy_to_tensor_parallel_region, mark_sequence_parallel
+from ..parallel import TensorParallel, mark_sequence_parallel, reduce_gradient_in_backward
 from ..transformations import CustomModule, ModelWeightTransformationSpecs
 from .config import ArchitectureConfig
 from .plan import ParallelPlan
@@ -25,19 +25,22 @@ from .plan import ParallelPlan
 class RMSNorm(nn.Module):
     """Transformers' LlamaRMSNorm: normalize in fp32, cast back, scale by ``weight``.
 
-    ``sequence_parallel``: the input is a sequence shard, so the weight gradient is a partial sum (marked for
-    `allreduce_sequence_parallel_gradients`). ``sum_grad_over``: the weight is applied to different heads on each
-    rank (Qwen3's q/k norms); its gradient is summed over that group in backward.
+    ``sequence_parallel``: the input is a sequence shard of the group ``tp``, so the weight gradient is a partial
+    sum, completed in backward over ``tp`` (and marked so that `allreduce_sequence_parallel_gradients` skips it).
+    ``sum_grad_over``: the weight is applied to different heads on each rank (Qwen3's q/k norms); its gradient is
+    summed over that group in backward.
     """
 
     def __init__(self, dim: int, eps: float, dtype=None, device=None, sequence_parallel: bool = False,
-                 sum_grad_over: TensorParallel | None = None) -> None:  # fmt: skip
+                 sum_grad_over: TensorParallel | None = None, tp: TensorParallel | None = None) -> None:  # fmt: skip
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         self.eps = eps
-        self.sum_grad_over = sum_grad_over
+        if sequence_parallel and sum_grad_over is not None:
+            raise ConfigError("RMSNorm: sequence_parallel and sum_grad_over cannot both be set")
+        self.sum_grad_over = sum_grad_over if not sequence_parallel else tp
         if sequence_parallel:
-            mark_sequence_parallel(self.weight)
+            mark_sequence_parallel(self.weight, reduced_in_backward=tp is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -45,7 +48,7 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight
         if self.sum_grad_over is not None:
-            weight = copy_to_tensor_parallel_region(weight, self.sum_grad_over)
+            weight = reduce_gradient_in_backward(weight, self.sum_grad_over)
         return weight * h.to(dtype)
 
     def extra_repr(self) -> str:
@@ -211,7 +214,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ArchitectureConfig, plan: ParallelPlan, layer_idx: int) -> None:
         super().__init__()
-        norm = {"dtype": plan.dtype, "device": plan.device, "sequence_parallel": plan.sequence_parallel}
+        norm = {"dtype": plan.dtype, "device": plan.device, "sequence_parallel": plan.sequence_parallel, "tp": plan.tp}
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)
         self.self_attn = ParallelAttention(config, plan, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **norm)

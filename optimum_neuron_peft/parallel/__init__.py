@@ -5,10 +5,12 @@ group at tp = 1. Nothing here imports torch_xla or neuronx-distributed. See docs
 """
 
 from .attributes import (
+    TP_ATTRIBUTES,
     allreduce_sequence_parallel_gradients,
     copy_tensor_model_parallel_attributes,
     is_tensor_model_parallel,
     mark_sequence_parallel,
+    reduce_gradient_in_backward,
     set_tensor_model_parallel_attributes,
 )
 from .gqa import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient
@@ -40,6 +42,7 @@ from .state import (
 )
 
 __all__ = [
+    "TP_ATTRIBUTES",
     "ColumnParallelLinear",
     "GQAQKVColumnParallelLinear",
     "ParallelEmbedding",
@@ -67,6 +70,7 @@ __all__ = [
     "model_parallel_is_initialized",
     "parallel_cross_entropy",
     "reduce_from_tensor_parallel_region",
+    "reduce_gradient_in_backward",
     "reduce_kv_replica_gradient",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",

@@ -18,6 +18,9 @@ from .state import TensorParallel
 
 TP_ATTRIBUTES: tuple[str, ...] = ("tensor_model_parallel", "partition_dim", "partition_stride", "num_partitions")
 SEQUENCE_PARALLEL_ATTRIBUTE = "sequence_parallel_enabled"
+# Set on a sequence-parallel parameter whose layer completes its gradient during backward
+# (`reduce_gradient_in_backward`); `allreduce_sequence_parallel_gradients` then leaves it alone.
+REDUCED_IN_BACKWARD_ATTRIBUTE = "sequence_parallel_grad_reduced_in_backward"
 
 
 def set_tensor_model_parallel_attributes(
@@ -48,24 +51,61 @@ def is_tensor_model_parallel(param: torch.Tensor) -> bool:
     return bool(getattr(param, "tensor_model_parallel", False))
 
 
-def mark_sequence_parallel(param: torch.Tensor) -> torch.Tensor:
+def mark_sequence_parallel(param: torch.Tensor, reduced_in_backward: bool = False) -> torch.Tensor:
     """Mark a replicated parameter that only sees this rank's sequence shard (norm weights, row-parallel bias).
 
-    Its gradient is then a partial sum that `allreduce_sequence_parallel_gradients` completes.
+    Its gradient is then a partial sum. ``reduced_in_backward``: the layer passes the parameter through
+    `reduce_gradient_in_backward`, so the gradient is complete after backward and
+    `allreduce_sequence_parallel_gradients` skips it; otherwise that call completes it.
     """
     setattr(param, SEQUENCE_PARALLEL_ATTRIBUTE, True)
+    if reduced_in_backward:
+        setattr(param, REDUCED_IN_BACKWARD_ATTRIBUTE, True)
     return param
 
 
+class _ReduceGradient(torch.autograd.Function):
+    """Identity forward; backward sums the incoming gradient over the group, in fp32 (bf16 policy)."""
+
+    @staticmethod
+    def forward(ctx, param: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+        ctx.tp = tp
+        return param.view_as(param)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return collectives.all_reduce_sum(grad.float(), ctx.tp).to(grad.dtype), None
+
+
+def reduce_gradient_in_backward(param: torch.Tensor, tp: TensorParallel) -> torch.Tensor:
+    """``param`` as used in forward, with its gradient summed over ``tp``'s group in backward.
+
+    For a replicated parameter that sees a different part of the data on each rank (a sequence shard, other
+    heads). It acts on each incoming gradient before accumulation into ``.grad``, so it runs once per backward,
+    stays exact under gradient accumulation and with activation checkpointing, and costs nothing on a frozen
+    parameter (autograd skips it). The sum is taken in fp32 even for bf16 parameters.
+    """
+    if not tp.is_parallel or not param.requires_grad:
+        return param
+    return _ReduceGradient.apply(param, tp)
+
+
 def sequence_parallel_parameters(module: nn.Module) -> list[nn.Parameter]:
-    return [p for p in module.parameters() if getattr(p, SEQUENCE_PARALLEL_ATTRIBUTE, False)]
+    """Parameters marked by `mark_sequence_parallel` whose gradient is NOT completed in backward."""
+    return [
+        p for p in module.parameters()
+        if getattr(p, SEQUENCE_PARALLEL_ATTRIBUTE, False) and not getattr(p, REDUCED_IN_BACKWARD_ATTRIBUTE, False)
+    ]  # fmt: skip
 
 
 def allreduce_sequence_parallel_gradients(module: nn.Module | Iterable[nn.Module], tp: TensorParallel) -> None:
-    """Sum over the tensor-parallel group the gradients of every parameter marked by `mark_sequence_parallel`.
+    """Sum over the tensor-parallel group the gradients of the parameters marked by `mark_sequence_parallel` that
+    their layer does not already reduce in backward.
 
-    Call once after the last backward of an optimizer step (before clipping); the sum is linear, so it is exact
-    for gradients accumulated over several micro-batches. One flat all-reduce per dtype keeps the call count low.
+    Our layers (RMSNorm, RowParallelLinear's bias) reduce in backward, so for them this is a no-op, kept for
+    existing code; calling it is never a double reduction. For parameters marked by hand, call it once after the
+    last backward of an optimizer step (before clipping); the sum is linear, so it is exact for gradients
+    accumulated over several micro-batches. One flat all-reduce per dtype, in fp32.
     """
     if not tp.is_parallel:
         return
@@ -78,7 +118,7 @@ def allreduce_sequence_parallel_gradients(module: nn.Module | Iterable[nn.Module
                 seen.add(id(param))
                 grads.setdefault(param.grad.dtype, []).append(param.grad)
     for group in grads.values():
-        flat = collectives.all_reduce_sum(torch.cat([g.reshape(-1) for g in group]), tp)
+        flat = collectives.all_reduce_sum(torch.cat([g.reshape(-1).float() for g in group]), tp)
         offset = 0
         for g in group:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))

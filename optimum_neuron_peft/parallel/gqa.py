@@ -176,10 +176,16 @@ class GQAQKVColumnParallelLinear(nn.Module):
         return _ReduceReplicaGrad.apply(param, reduce)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.project(self.parallel_input(x))
+
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input every rank projects (see `ColumnParallelLinear.parallel_input`)."""
         if self.sequence_parallel_enabled:
-            x = gather_from_sequence_parallel_region(x, self.sequence_dim, self.tp)
-        else:
-            x = copy_to_tensor_parallel_region(x, self.tp)
+            return gather_from_sequence_parallel_region(x, self.sequence_dim, self.tp)
+        return copy_to_tensor_parallel_region(x, self.tp)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (q, k, v) for a `parallel_input`."""
         if self.fuse_qkv:
             qkv = F.linear(x, self._kv_param(self.weight_qkv, True), self._kv_param(self.bias_qkv, True))
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)

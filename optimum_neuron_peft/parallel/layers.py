@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .attributes import mark_sequence_parallel, set_tensor_model_parallel_attributes
+from .attributes import mark_sequence_parallel, reduce_gradient_in_backward, set_tensor_model_parallel_attributes
 from .mappings import (
     copy_to_tensor_parallel_region,
     gather_from_sequence_parallel_region,
@@ -101,10 +101,19 @@ class ColumnParallelLinear(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.parallel_input(x))
+
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input every rank multiplies: the gathered sequence (SP), or ``x`` with an all-reduce of its gradient.
+
+        Split from `project` so that a LoRA branch can share it: one gather, one gradient reduction for both.
+        """
         if self.sequence_parallel_enabled:
-            x = gather_from_sequence_parallel_region(x, self.sequence_dim, self.tp)
-        else:
-            x = copy_to_tensor_parallel_region(x, self.tp)
+            return gather_from_sequence_parallel_region(x, self.sequence_dim, self.tp)
+        return copy_to_tensor_parallel_region(x, self.tp)
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's output rows for a `parallel_input` (all-gathered to the full width with ``gather_output``)."""
         y = F.linear(x, self.weight, self.bias)
         if not self.gather_output:
             return y
@@ -128,8 +137,8 @@ class RowParallelLinear(nn.Module):
 
     ``input_is_parallel``: x already holds this rank's (..., in/tp) slice (the output of a `ColumnParallelLinear`
     with ``gather_output=False``); otherwise the full x is split here. The bias is replicated and added once,
-    after the reduction; under sequence parallelism it only sees the sequence shard, so it is marked for
-    `allreduce_sequence_parallel_gradients`.
+    after the reduction; under sequence parallelism it only sees the sequence shard, so its gradient is summed over
+    the group in backward (`reduce_gradient_in_backward`).
     """
 
     def __init__(
@@ -158,20 +167,31 @@ class RowParallelLinear(nn.Module):
         if bias:
             self.bias = _new_param((output_size,), dtype, device, uniform_init(input_size))
             set_tensor_model_parallel_attributes(self.bias, False, 0, 1, 1)
-            if sequence_parallel_enabled:
-                mark_sequence_parallel(self.bias)
+            if sequence_parallel_enabled:  # completed in backward (see forward)
+                mark_sequence_parallel(self.bias, reduced_in_backward=True)
         else:
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.input_is_parallel:
-            x = scatter_to_tensor_parallel_region(x, self.tp)
-        y = F.linear(x, self.weight)
+        return self.reduce_partial(F.linear(self.parallel_input(x), self.weight))
+
+    def parallel_input(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's input columns."""
+        return x if self.input_is_parallel else scatter_to_tensor_parallel_region(x, self.tp)
+
+    def reduce_partial(self, y: torch.Tensor) -> torch.Tensor:
+        """Sum the ranks' partial outputs (reduce-scatter to the sequence chunk under SP), then add the bias.
+
+        Split from `forward` so that a LoRA branch can add its own partial result before this single reduction.
+        """
         if self.sequence_parallel_enabled:
             y = reduce_scatter_to_sequence_parallel_region(y, self.sequence_dim, self.tp)
         else:
             y = reduce_from_tensor_parallel_region(y, self.tp)
-        return y + self.bias if self.bias is not None else y
+        if self.bias is None:
+            return y
+        # Under sequence parallelism the bias only sees this rank's sequence chunk: sum its gradient in backward.
+        return y + (reduce_gradient_in_backward(self.bias, self.tp) if self.sequence_parallel_enabled else self.bias)
 
     def extra_repr(self) -> str:
         return (

@@ -26,11 +26,11 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from ..errors import ConfigError
-from ..parallel import copy_to_tensor_parallel_region
+from ..parallel import reduce_gradient_in_backward
 from .layers import (
     LoraColumnParallelLinear,
     ParallelLoraLayer,
-    _input_for_column,
+    add_scaled_matmul,
     chunk,
     draw_linear_adapter,
     lora_scaling,
@@ -124,20 +124,26 @@ class MultiProjectionLora(ParallelLoraLayer):
     def _like(self) -> torch.Tensor | None:
         return next(self.get_base_layer().parameters(), None)
 
-    def _branches(self, x: torch.Tensor, adapter: str) -> dict[str, torch.Tensor]:
-        """{key: this rank's output rows of the LoRA branch of that projection} for one adapter."""
+    def _add_branches(self, x: torch.Tensor, adapter: str, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``outputs`` ({key: this rank's output rows of that projection}) plus one adapter's LoRA branches.
+
+        The A factors of all targeted projections sit side by side in one matmul (x @ [A_1; A_2; ...]^T); each B,
+        its scaling and the addition are one addmm (`add_scaled_matmul`). Untargeted projections are untouched.
+        """
         a_mod, b_mod = self.lora_A[adapter], self.lora_B[adapter]
         names = list(a_mod._parameters)
         a = torch.cat([a_mod._parameters[n] for n in names], dim=0) if len(names) > 1 else a_mod._parameters[names[0]]
+        # ``x`` is the base layer's parallel_input (see LoraColumnParallelLinear._forward_shared): the replicated
+        # A's partial gradients are summed in backward, one all-reduce for all projections.
+        a = reduce_gradient_in_backward(a, self.tp)
         h = F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a)
-        h = copy_to_tensor_parallel_region(h, self.tp)  # completes A's gradient on every rank (see layers.py)
         ranks = [self.projection_r[adapter][n.removeprefix("weight_")] for n in names]
-        out = {}
+        outputs = dict(outputs)
         for name, h_p in zip(names, h.split(ranks, dim=-1)):
             key = name.removeprefix("weight_")
             b = self._b_weight(key, b_mod._parameters[name])
-            out[key] = F.linear(h_p, b) * self.projection_scaling[adapter][key]
-        return out
+            outputs[key] = add_scaled_matmul(outputs[key], h_p, b, self.projection_scaling[adapter][key])
+        return outputs
 
     def _b_weight(self, key: str, b: torch.Tensor) -> torch.Tensor:
         return b
@@ -181,18 +187,19 @@ class LoraFusedColumnParallelLinear(MultiProjectionLora):
         index = self._layout().keys.index(key)
         return chunk(full, 0, self._local_sizes()[index], self.tp.rank)
 
-    def _lora_forward(self, x, result, adapters):
+    def _shares_collectives(self) -> bool:
+        return True
+
+    def _forward_shared(self, x, adapters):
         base = self.get_base_layer()
-        x = _input_for_column(base, x)
+        x_full = base.parallel_input(x)
+        result = base.project(x_full)
         layout, sizes = self._layout(), self._local_sizes()
+        # Per-projection views of the fused output; one concatenation at the end (no zero blocks, no extra add).
+        outputs = dict(zip(layout.keys, result.split(sizes, dim=-1)))
         for adapter in adapters:
-            branches = self._branches(x, adapter)
-            pieces = [
-                branches[key] if key in branches else result.new_zeros((*result.shape[:-1], size))
-                for key, size in zip(layout.keys, sizes)
-            ]
-            result = result + torch.cat(pieces, dim=-1).to(result.dtype)
-        return result
+            outputs = self._add_branches(x_full, adapter, outputs)
+        return torch.cat([outputs[key] for key in layout.keys], dim=-1).to(result.dtype)
 
     def _deltas(self, adapter_name):
         layout, sizes = self._layout(), self._local_sizes()

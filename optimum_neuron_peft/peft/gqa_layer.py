@@ -21,7 +21,6 @@ from ..errors import ConfigError
 from ..parallel import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient
 from ..parallel.gqa import _ReduceReplicaGrad
 from .fused import FUSED_LAYOUT_ATTRIBUTE, FusedProjections, MultiProjectionLora
-from .layers import _input_for_column
 
 QKV = ("q", "k", "v")
 
@@ -68,14 +67,17 @@ class LoraGQAQKVColumnParallelLinear(MultiProjectionLora):
         )  # fmt: skip
         return _ReduceReplicaGrad.apply(b, reduce)
 
-    def _lora_forward(self, x, result, adapters):
+    def _shares_collectives(self) -> bool:
+        return True
+
+    def _forward_shared(self, x, adapters):
         base = self.get_base_layer()
-        x = _input_for_column(base, x)
+        x_full = base.parallel_input(x)  # one gather / gradient reduction for the base and the LoRA branches
+        result = base.project(x_full)
         out = dict(zip(QKV, result))
         for adapter in adapters:
-            for key, y in self._branches(x, adapter).items():
-                out[key] = out[key] + y.to(out[key].dtype)
-        return out["q"], out["k"], out["v"]
+            out = self._add_branches(x_full, adapter, out)
+        return tuple(out[key].to(r.dtype) for key, r in zip(QKV, result))
 
     def _deltas(self, adapter_name):
         base = self.get_base_layer()

@@ -3,17 +3,21 @@
 The sharding rule, written once (docs/checkpoint_formats.md section 2):
 
 - column-parallel base (output rows sharded): lora_A is replicated, lora_B is sharded like the base rows (dim 0).
-  The rank-r activation ``h = x A^T`` is identical on every rank, but each rank only sees the gradient flowing back
-  from its own rows of B, so ``h`` goes through `copy_to_tensor_parallel_region` (identity forward, all-reduce
-  backward): A's gradient is then the full-model gradient on every rank.
-- row-parallel base (input columns sharded): lora_A is sharded like the base columns (dim 1), its partial output is
-  all-reduced (`reduce_from_tensor_parallel_region`) BEFORE the replicated lora_B.
+  The LoRA branch multiplies the base layer's own `parallel_input` (the sequence all-gathered under sequence
+  parallelism, else ``x`` with an all-reduce of its gradient), so one collective serves both, and its backward sums
+  the base and LoRA input gradients together. Each rank's LoRA input gradient is then partial (from its rows of B),
+  and so is the gradient of the replicated lora_A: it is summed over the group in backward
+  (`reduce_gradient_in_backward`, a (r, in) all-reduce in fp32).
+- row-parallel base (input columns sharded): lora_A is sharded like the base columns (dim 1). By linearity the
+  LoRA partial result x_r A_r^T B^T * scaling is added to the base partial x_r W_r^T BEFORE the base layer's single
+  reduction (all-reduce, or reduce-scatter under sequence parallelism); the replicated lora_B's partial gradients
+  are summed in backward. The sum is taken in the adapter's dtype (fp32 over a bf16 base).
 - vocab-parallel embedding: lora_embedding_A (r, vocab) is sharded along the vocabulary (dim 1), like the base
   rows; lookups outside the rank's range give zeros and the partial results are all-reduced before lora_embedding_B.
+  Under sequence parallelism its output keeps this rank's sequence chunk, like the base output.
 
-With sequence parallelism the LoRA branch follows its base layer: it gathers the sequence where the base layer does
-(column) and keeps this rank's sequence chunk of its output where the base layer reduce-scatters (row, embedding).
-Gradients of every LoRA parameter are then complete on each rank; no extra all-reduce is needed.
+Gradients of every LoRA parameter are complete on each rank after backward; nothing needs to be called.
+``scaling`` is folded into the B matmul and the addition (one addmm).
 
 Initialization never depends on tp: every rank draws the FULL adapter of the original module (PEFT's
 distributions, in PEFT's order: A then B) from the same RNG stream, then keeps its shard. Seed before creating the
@@ -35,6 +39,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..parallel import (
+    TP_ATTRIBUTES,
     ColumnParallelLinear,
     ParallelEmbedding,
     RowParallelLinear,
@@ -42,8 +47,8 @@ from ..parallel import (
     gather_from_sequence_parallel_region,
     gather_from_tensor_parallel_region,
     reduce_from_tensor_parallel_region,
+    reduce_gradient_in_backward,
     scatter_to_sequence_parallel_region,
-    scatter_to_tensor_parallel_region,
     set_tensor_model_parallel_attributes,
 )
 from .config import check_lora_config
@@ -144,7 +149,38 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
         self.lora_bias[adapter_name] = False
         self.scaling[adapter_name] = lora_scaling(r, lora_alpha, config.use_rslora)
         self._create_adapter(adapter_name, r, lora_alpha, config, kwargs.get("target_name") or "")
+        self._record_parallel_attributes()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    # -- tensor-parallel attributes -------------------------------------------------------------------------
+
+    def _record_parallel_attributes(self) -> None:
+        """Remember the tensor-parallel attributes of every LoRA parameter, by its name in this layer.
+
+        PEFT replaces adapter parameters by new ones when it casts them (``autocast_adapter_dtype``: bf16/fp16
+        adapters become fp32 ``nn.Parameter``s), which drops the attributes; `restore_parallel_attributes` puts
+        them back. Without them a row-parallel lora_A looks replicated: loading would not slice it and saving
+        would write this rank's shard as the full tensor.
+        """
+        recorded = getattr(self, "_lora_parallel_attributes", {})
+        for name, param in self.named_parameters():
+            if name.startswith("base_layer.") or not hasattr(param, "tensor_model_parallel"):
+                continue
+            recorded.setdefault(name, {attr: getattr(param, attr) for attr in TP_ATTRIBUTES})
+        self._lora_parallel_attributes = recorded
+
+    def restore_parallel_attributes(self) -> None:
+        """Re-set the recorded tensor-parallel attributes on the current LoRA parameters (see above)."""
+        recorded = getattr(self, "_lora_parallel_attributes", {})
+        for name, param in self.named_parameters():
+            for attr, value in recorded.get(name, {}).items():
+                setattr(param, attr, value)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        recorded = getattr(self, "_lora_parallel_attributes", {})
+        for name in [n for n in recorded if f".{adapter_name}." in f".{n}."]:
+            del recorded[name]
 
     def _create_adapter(self, adapter_name: str, r: int, lora_alpha: float, config: LoraConfig, target_name: str) -> None:
         raise NotImplementedError
@@ -158,13 +194,26 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
         active = [a for a in self.active_adapters if a in self.lora_A or a in self.lora_embedding_A]
-        return self._lora_forward(x, result, active) if active else result
+        if not self.merged and active and self._shares_collectives():
+            return self._forward_shared(x, active)
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not active:
+            return result
+        # Like PEFT: the LoRA terms are added in the adapter's dtype (fp32 over a bf16 base), then the sum is cast
+        # back to the base output's dtype once.
+        out = self._lora_forward(x, result, active)
+        return _cast_like(out, result)
 
     def _lora_forward(self, x: torch.Tensor, result: Any, adapters: list[str]) -> Any:
+        raise NotImplementedError
+
+    def _shares_collectives(self) -> bool:
+        """Whether `_forward_shared` applies: the base layer and the LoRA branch then share the base layer's
+        input collective (column) or output reduction (row) instead of issuing their own."""
+        return False
+
+    def _forward_shared(self, x: torch.Tensor, adapters: list[str]) -> Any:
         raise NotImplementedError
 
     # -- merge ----------------------------------------------------------------------------------------------
@@ -213,6 +262,21 @@ class ParallelLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
+def _cast_like(out: Any, result: Any) -> Any:
+    if isinstance(result, tuple):
+        return tuple(o.to(r.dtype) for o, r in zip(out, result))
+    return out.to(result.dtype)
+
+
+def add_scaled_matmul(out: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``out + (h @ b^T) * scaling``, with the scaling and the addition folded into one matmul (addmm) when the
+    dtypes agree; otherwise (fp32 adapter over a bf16 base) PEFT's promoted add."""
+    if out.dtype == h.dtype == b.dtype and out.shape[:-1] == h.shape[:-1]:
+        n = out.shape[-1]
+        return torch.addmm(out.reshape(-1, n), h.reshape(-1, h.shape[-1]), b.t(), alpha=scaling).view(out.shape)
+    return torch.add(out, F.linear(h, b), alpha=scaling)
+
+
 def _input_for_column(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The full-sequence input a column-parallel LoRA branch sees. The gathered copy feeds a replicated computation
     (lora_A) whose gradient is already complete on every rank, so its backward only splits."""
@@ -246,11 +310,27 @@ class LoraColumnParallelLinear(ParallelLoraLayer):
             a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
             h = F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a)
             h = copy_to_tensor_parallel_region(h, self.tp)
-            y = F.linear(h, b) * self.scaling[adapter]
-            if base.gather_output:
-                y = gather_from_tensor_parallel_region(y, self.tp)
-            result = result + y.to(result.dtype)
+            y = gather_from_tensor_parallel_region(F.linear(h, b), self.tp)
+            result = torch.add(result, y, alpha=self.scaling[adapter])
         return result
+
+    def _shares_collectives(self) -> bool:
+        return not self.get_base_layer().gather_output
+
+    def _forward_shared(self, x, adapters):
+        """One input collective for the base layer and the LoRA branch: both multiply the base layer's
+        `parallel_input`, whose backward reduces (all-reduce, or reduce-scatter under SP) the sum of both input
+        gradients. The LoRA branch's share of that gradient is then this rank's partial (from its rows of B), so
+        h's gradient is not all-reduced; instead A, replicated, gets its partial gradients summed in backward."""
+        base = self.get_base_layer()
+        x_full = base.parallel_input(x)
+        result = base.project(x_full)
+        out = result
+        for adapter in adapters:
+            a = reduce_gradient_in_backward(self.lora_A[adapter].weight, self.tp)
+            h = F.linear(self.lora_dropout[adapter](x_full.to(a.dtype)), a)
+            out = add_scaled_matmul(out, h, self.lora_B[adapter].weight, self.scaling[adapter])
+        return out.to(result.dtype)
 
     def _deltas(self, adapter_name):
         return {"weight": (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[adapter_name]}
@@ -273,18 +353,22 @@ class LoraRowParallelLinear(ParallelLoraLayer):
         self.lora_A[adapter_name] = _linear(make_parameter(local_a, base.weight, 1, self.tp.size))
         self.lora_B[adapter_name] = _linear(make_parameter(b, base.weight, None, self.tp.size))
 
-    def _lora_forward(self, x, result, adapters):
+    def _shares_collectives(self) -> bool:
+        return True
+
+    def _forward_shared(self, x, adapters):
+        """The LoRA partial result x_r A_r^T B^T s is added to the base partial x_r W_r^T before the base layer's
+        single reduction (sum over ranks of both is the full result, by linearity). B, replicated, then gets a
+        partial gradient on each rank, summed in backward (`reduce_gradient_in_backward`); A_r's is complete."""
         base = self.get_base_layer()
-        if not base.input_is_parallel:
-            x = scatter_to_tensor_parallel_region(x, self.tp)
+        x_local = base.parallel_input(x)
+        partial = F.linear(x_local, base.weight)
         for adapter in adapters:
-            a, b = self.lora_A[adapter].weight, self.lora_B[adapter].weight
-            h = reduce_from_tensor_parallel_region(F.linear(self.lora_dropout[adapter](x.to(a.dtype)), a), self.tp)
-            y = F.linear(h, b) * self.scaling[adapter]
-            if base.sequence_parallel_enabled:  # the base output is this rank's sequence chunk
-                y = scatter_to_sequence_parallel_region(y, base.sequence_dim, self.tp)
-            result = result + y.to(result.dtype)
-        return result
+            a = self.lora_A[adapter].weight
+            b = reduce_gradient_in_backward(self.lora_B[adapter].weight, self.tp)
+            h = F.linear(self.lora_dropout[adapter](x_local.to(a.dtype)), a)
+            partial = add_scaled_matmul(partial, h, b, self.scaling[adapter])  # fp32 over a bf16 base: reduced in fp32
+        return base.reduce_partial(partial).to(base.weight.dtype)
 
     def _deltas(self, adapter_name):
         return {"weight": (self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight) * self.scaling[adapter_name]}
@@ -317,10 +401,12 @@ class LoraParallelEmbedding(ParallelLoraLayer):
             if outside is not None:
                 h = h.masked_fill(outside.unsqueeze(-1), 0.0)
             h = reduce_from_tensor_parallel_region(h, self.tp)
-            y = (h @ b.T) * self.scaling[adapter]
             if base.sequence_parallel_enabled:
-                y = scatter_to_sequence_parallel_region(y, base.sequence_dim, self.tp)
-            result = result + y.to(result.dtype)
+                # y on the whole sequence, then this rank's chunk: the replicated B gets its full gradient
+                y = scatter_to_sequence_parallel_region(F.linear(h, b), base.sequence_dim, self.tp)
+                result = torch.add(result, y, alpha=self.scaling[adapter])
+            else:
+                result = add_scaled_matmul(result, h, b, self.scaling[adapter])
         return result
 
     def _deltas(self, adapter_name):

@@ -50,6 +50,13 @@ def lora_layers(model: nn.Module) -> list[ParallelLoraLayer]:
     return [m for m in model.modules() if isinstance(m, ParallelLoraLayer)]
 
 
+def restore_lora_parallel_attributes(model: nn.Module) -> None:
+    """Put back the tensor-parallel attributes PEFT drops when it re-creates adapter parameters (its fp32 upcast of
+    adapters on a bf16/fp16 base); see `ParallelLoraLayer.restore_parallel_attributes`."""
+    for layer in lora_layers(model):
+        layer.restore_parallel_attributes()
+
+
 def model_tp(model: nn.Module) -> TensorParallel:
     """The `TensorParallel` of the model's LoRA layers (all share one)."""
     layers = lora_layers(model)
@@ -178,11 +185,18 @@ def read_vanilla_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, di
 class _ParallelPeftMixin:
     """Overrides shared by our PeftModel classes (see module doc)."""
 
-    def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        restore_lora_parallel_attributes(self)
+
+    def add_adapter(self, adapter_name: str, peft_config: Any, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:  # fmt: skip
         adapted = adapt_peft_config_for_model(self.base_model.model, peft_config)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match")
-            super().add_adapter(adapter_name, adapted, low_cpu_mem_usage=low_cpu_mem_usage)
+            super().add_adapter(adapter_name, adapted, low_cpu_mem_usage=low_cpu_mem_usage,
+                                autocast_adapter_dtype=autocast_adapter_dtype)  # fmt: skip
+        restore_lora_parallel_attributes(self)
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False, **kwargs: Any):
         config, tensors = read_vanilla_adapter(model_id)
@@ -269,11 +283,15 @@ class _ParallelPeftMixin:
     def _save_consolidated(self, directory: Path, adapter: str) -> None:
         from safetensors.torch import save_file
 
+        from ..parallel import get_data_parallel_rank
+
         tensors = self.consolidated_adapter_state_dict(adapter)
-        if model_tp(self).rank != 0:
-            return
+        if model_tp(self).rank != 0 or get_data_parallel_rank() != 0:
+            return  # one writer: data-parallel replicas hold the same adapter
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(directory / ADAPTER_WEIGHTS))
+        partial = directory / f".{ADAPTER_WEIGHTS}.partial"
+        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(partial))
+        os.replace(partial, directory / ADAPTER_WEIGHTS)  # atomic: a reader never sees half a file
         self.original_peft_config(adapter).save_pretrained(str(directory))
 
 
