@@ -44,10 +44,11 @@ from ..parallel import (
     init_distributed_from_env,
     model_parallel_is_initialized,
 )
+from ..parallel.zero import allreduce_data_parallel_, allreduce_data_parallel_gradients, make_zero1_optimizer
 from ..peft.model import PeftModel, load_original_adapter_weights, read_vanilla_adapter
 from .arguments import TrainingArguments
 from .metrics import ThroughputMeter, write_summary
-from .gradients import average_over_group_, clip_grads_with_norm_, global_grad_norm, norm_shares
+from .gradients import clip_grads_with_norm_, global_grad_norm, norm_shares
 from .optimizer_state import (
     OPTIMIZER_WEIGHTS,
     consolidated_optimizer_state,
@@ -196,7 +197,7 @@ class Trainer(transformers.Trainer):
         return self.args.dp_size
 
     def _dp_average_(self, tensors) -> None:
-        average_over_group_(list(tensors), get_data_parallel_group(), self.dp_size)
+        allreduce_data_parallel_(list(tensors), get_data_parallel_group())
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -269,11 +270,38 @@ class Trainer(transformers.Trainer):
         return loss
 
     def _synchronize_gradients(self) -> None:
-        base = _base_model(self.model)
-        if hasattr(base, "allreduce_sequence_parallel_gradients"):
-            base.allreduce_sequence_parallel_gradients()
+        # sequence-parallel gradients are already summed over tp in backward (the model's hooks)
         if self.dp_size > 1:
-            self._dp_average_(p.grad for p in self._trainable() if p.grad is not None)
+            allreduce_data_parallel_gradients(self._trainable(), get_data_parallel_group())
+
+    def create_optimizer(self, model=None):
+        """transformers' optimizer (class, parameter groups, weight-decay split, hyper-parameters); with
+        ``args.zero_1`` the same optimizer with its state sharded over the data-parallel group (ZeRO-1)."""
+        optimizer = super().create_optimizer(model)
+        if self.args.zero_1 and self.dp_size > 1 and not _is_sharded(optimizer):
+            if optimizer.state:
+                raise ConfigError("TrainingArguments.zero_1: the optimizer already holds state; cannot shard it")
+            # the class and keyword arguments transformers built it with; the groups carry the weight-decay split
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            if type(optimizer) is not optimizer_cls or {"params", "model", "optimizer_dict"} & set(kwargs):
+                raise ConfigError(f"TrainingArguments.zero_1: optim={self.args.optim!r} builds "
+                                  f"{type(optimizer).__name__}, which ZeRO-1 cannot shard; use a torch.optim optimizer")  # fmt: skip
+            groups = [{k: v for k, v in g.items() if k == "params" or k not in kwargs} for g in optimizer.param_groups]
+            self.optimizer = make_zero1_optimizer(groups, optimizer_cls, get_data_parallel_group(), **kwargs)
+            self._skip_state_round_trip(self.optimizer)
+        return self.optimizer
+
+    def _skip_state_round_trip(self, sharded: torch.optim.Optimizer) -> None:
+        """accelerate's device placement round-trips the optimizer's state_dict, which a sharded optimizer only
+        gives after a collective consolidation; its (lazily created) state already lives on the parameters'
+        device, so prepare it without placement."""
+        acc = self.accelerator
+        prepare_optimizer = type(acc).prepare_optimizer.__get__(acc)
+
+        def prepare(optimizer, device_placement=None):
+            return prepare_optimizer(optimizer, device_placement=False if optimizer is sharded else device_placement)
+
+        acc.prepare_optimizer = prepare
 
     def _norm_shares(self):
         if self._shares is None:
@@ -518,6 +546,12 @@ class Trainer(transformers.Trainer):
         path = checkpoint / f"rng_state_{rank}.pth"
         if path.is_file():
             _set_rng_state(torch.load(path, weights_only=True))
+
+
+def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
 def _rng_state() -> dict[str, Any]:
