@@ -176,9 +176,9 @@ class Trainer(transformers.Trainer):
             if peft_config is not None:
                 model = add_adapter(model, peft_config, args.seed)
             _adopt_model_layout(args, model)
-        if args.activation_checkpointing and not hasattr(_base_model(model), "gradient_checkpointing_enable"):
+        if args.activation_checkpointing and not hasattr(_base_model(model), "activation_checkpointing_enable"):
             raise ConfigError("TrainingArguments.gradient_checkpointing: this model has no "
-                              "gradient_checkpointing_enable(); turn the option off")  # fmt: skip
+                              "activation_checkpointing_enable(); turn the option off")  # fmt: skip
         self._shares = None
         self._meter: ThroughputMeter | None = None
         super().__init__(
@@ -324,9 +324,14 @@ class Trainer(transformers.Trainer):
                                       self._peak_flops_per_device())  # fmt: skip
         if not self.args.activation_checkpointing:
             return super().train(*args, **kwargs)
-        # transformers would call it with its own keywords (every_n_layers, offload); ours takes the kwargs only
-        base = _base_model(self.model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs)
+        # transformers' own handling (it would call the PeftModel, whose enable does not reach our layers):
+        # every_n_layers and offload come out of the kwargs, the rest go to torch.utils.checkpoint.checkpoint
+        ckpt_kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+        every_n_layers = ckpt_kwargs.pop("every_n_layers", 1)
+        if ckpt_kwargs.pop("offload", False):
+            raise ConfigError("TrainingArguments.activation_checkpointing_kwargs: offload=True is not supported; "
+                              "the checkpointed activations stay on the device")  # fmt: skip
+        _base_model(self.model).activation_checkpointing_enable(ckpt_kwargs or None, every_n_layers=every_n_layers)
         self.args.activation_checkpointing = False
         try:
             return super().train(*args, **kwargs)
