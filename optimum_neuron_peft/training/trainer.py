@@ -122,8 +122,10 @@ def build_model(path: str | os.PathLike, args: TrainingArguments, peft_config: A
     args.tensor_parallel_size = tp
     if args.sequence_parallel is None:
         args.sequence_parallel = tp > 1
+    # bf16 policy (docs/peft.md): a bf16 base; LoRA parameters, optimizer state and gradient sums stay fp32
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=torch.float32, fuse_qkv=bool(args.fuse_qkv), kv_size_multiplier=args.kv_size_multiplier,
+        path, torch_dtype=dtype, fuse_qkv=bool(args.fuse_qkv), kv_size_multiplier=args.kv_size_multiplier,
         sequence_parallel=args.sequence_parallel,
     )  # fmt: skip
     if peft_config is not None:
@@ -185,6 +187,14 @@ class Trainer(transformers.Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, **kwargs,
         )  # fmt: skip
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        """No autocast over a bf16 base (the bf16 policy): accelerate's bf16 autocast would run the fp32 LoRA
+        branch and the fp32 loss in bf16. An fp32 model with ``bf16=True`` keeps transformers' autocast."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if any(p.dtype == torch.bfloat16 for p in _base_model(self.model).parameters()):
+            accelerator_args["mixed_precision"] = "no"
+        return accelerator_args
 
     # -- layout helpers ---------------------------------------------------------------------------------------
 
