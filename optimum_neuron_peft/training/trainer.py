@@ -8,8 +8,11 @@ single-process on every rank (`arguments.single_process_accelerate`); this class
   over the world under DDP); the tensor-parallel ranks of a replica see the same batches. Evaluation is not
   sharded: every replica evaluates the whole set (same result, no gather needed);
 - loss: the token count is summed over the data-parallel group and the loss scaled by dp, as transformers does
-  under DDP; the gradients are averaged over the data-parallel group (DDP's all-reduce) after the last
-  micro-batch, after the sequence-parallel gradient sums;
+  under DDP; the gradients are averaged over the data-parallel group (DDP's all-reduce, in fp32) after the last
+  micro-batch (the sequence-parallel sums already happened in backward);
+- optimizer: transformers' own, or with ``zero_1`` the same one sharded over the data-parallel group (ZeRO-1);
+- bf16: built from a directory with ``bf16=True`` the base is bf16 (LoRA and optimizer state fp32), with no
+  autocast over a bf16 base;
 - clipping: the global norm of the logical model (`gradients.global_grad_norm`);
 - logged losses: averaged over the data-parallel group;
 - saving: `save_model` writes ONE vanilla PEFT adapter (or a Transformers model directory); checkpoints hold the
@@ -295,7 +298,8 @@ class Trainer(transformers.Trainer):
             optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             if type(optimizer) is not optimizer_cls or {"params", "model", "optimizer_dict"} & set(kwargs):
                 raise ConfigError(f"TrainingArguments.zero_1: optim={self.args.optim!r} builds "
-                                  f"{type(optimizer).__name__}, which ZeRO-1 cannot shard; use a torch.optim optimizer")  # fmt: skip
+                                  f"{type(optimizer).__name__}, which ZeRO-1 cannot shard; "
+                                  "use a torch.optim optimizer")  # fmt: skip
             groups = [{k: v for k, v in g.items() if k == "params" or k not in kwargs} for g in optimizer.param_groups]
             self.optimizer = make_zero1_optimizer(groups, optimizer_cls, get_data_parallel_group(), **kwargs)
             self._skip_state_round_trip(self.optimizer)

@@ -53,7 +53,8 @@ def test_activation_checkpointing_kwargs_reach_the_model(tmp_path):
     checkpoints layer 0 only; the rest (``preserve_rng_state``) go to torch.utils.checkpoint."""
     plain, _, _ = _run(tmp_path, "plain")
     got, calls, flag = _run(tmp_path, "every_2", activation_checkpointing=True,
-                            activation_checkpointing_kwargs={"every_n_layers": 2, "preserve_rng_state": False})  # fmt: skip
+                            activation_checkpointing_kwargs={"every_n_layers": 2,
+                                                             "preserve_rng_state": False})  # fmt: skip
     assert flag and calls == [16, 8]
     assert_same_training(got, plain, rtol=0, atol=0)
 
