@@ -9,7 +9,8 @@ parallelism every tp rank runs its own ZeRO over its data-parallel group: the re
 What torch's class lacks, and this module adds (by hand because no library offers it on a bare process group):
 
 - the data-parallel gradient reduction it assumes DDP did (`allreduce_data_parallel_gradients`: one flat
-  all-reduce per dtype, summed in fp32 - the bf16 policy - then averaged);
+  all-reduce per dtype, summed in fp32 - the bf16 policy - then averaged); the package's only data-parallel
+  reduction (the Trainer's too; `allreduce_data_parallel_` does it on plain tensors);
 - a full (unsharded) state dict in one call that also works without sharding (`full_optimizer_state_dict`), and a
   load that does not mutate the caller's dict (`load_full_optimizer_state_dict`). The full state dict is the plain
   ``torch.optim`` format, indexed by parameter order, so it does not depend on the dp size: save at dp = 2, resume
