@@ -9,7 +9,8 @@ parallelism every tp rank runs its own ZeRO over its data-parallel group: the re
 What torch's class lacks, and this module adds (by hand because no library offers it on a bare process group):
 
 - the data-parallel gradient reduction it assumes DDP did (`allreduce_data_parallel_gradients`: one flat
-  all-reduce per dtype, summed in fp32 - the bf16 policy - then averaged);
+  all-reduce per dtype, summed in fp32 - the bf16 policy - then averaged); the package's only data-parallel
+  reduction (the Trainer's too; `allreduce_data_parallel_` does it on plain tensors);
 - a full (unsharded) state dict in one call that also works without sharding (`full_optimizer_state_dict`), and a
   load that does not mutate the caller's dict (`load_full_optimizer_state_dict`). The full state dict is the plain
   ``torch.optim`` format, indexed by parameter order, so it does not depend on the dp size: save at dp = 2, resume
@@ -69,23 +70,29 @@ def allreduce_data_parallel_gradients(params: Iterable[torch.Tensor], dp_group: 
     Call once per optimizer step after the last backward (gradient accumulation sums first, which is linear).
     Parameters without a gradient are skipped; every rank must have gradients for the same parameters.
     """
+    allreduce_data_parallel_([p.grad for p in params if p.grad is not None], dp_group, average)
+
+
+def allreduce_data_parallel_(tensors: Iterable[torch.Tensor], dp_group: Any | None = None,
+                             average: bool = True) -> None:  # fmt: skip
+    """Sum (``average``: mean, what DDP does to gradients) ``tensors`` in place over the data-parallel group: one
+    flat all-reduce per dtype, accumulated in fp32 (gloo has no AVG: sum, then divide)."""
     size = _group_size(dp_group)
     if size == 1 or not (dist.is_available() and dist.is_initialized()):
         return
     group = dp_group if dp_group is not None else get_data_parallel_group()
-    grads: dict[torch.dtype, list[torch.Tensor]] = {}
-    for param in params:
-        if param.grad is not None:
-            grads.setdefault(param.grad.dtype, []).append(param.grad)
-    for dtype_grads in grads.values():
-        flat = torch.cat([g.reshape(-1).float() for g in dtype_grads])
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for dtype_tensors in by_dtype.values():
+        flat = torch.cat([t.reshape(-1).float() for t in dtype_tensors])
         dist.all_reduce(flat, group=group)
         if average:
             flat /= size
         offset = 0
-        for g in dtype_grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        for t in dtype_tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, to: int = 0) -> dict[str, Any] | None:
@@ -110,6 +117,7 @@ def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, state_dict:
 
 
 __all__ = [
+    "allreduce_data_parallel_",
     "allreduce_data_parallel_gradients",
     "full_optimizer_state_dict",
     "load_full_optimizer_state_dict",

@@ -57,6 +57,10 @@ class TrainingArguments(transformers.TrainingArguments):
         default=None, metadata={"help": "Replicas of each key/value head when tp exceeds the kv heads (GQA)."}
     )
     fuse_qkv: bool | None = field(default=None, metadata={"help": "One fused qkv weight instead of q/k/v."})
+    zero_1: bool = field(
+        default=False,
+        metadata={"help": "ZeRO-1: shard the optimizer state over the data-parallel ranks (optimum-neuron's name)."},
+    )
     hardware: str | None = field(
         default=None, metadata={"help": "trn1 or trn2: the per-NeuronCore peak used for the logged MFU."}
     )

@@ -1,4 +1,6 @@
-"""What the tensor-parallel layout adds to a training step: data-parallel gradient averaging and the global norm.
+"""What the tensor-parallel layout adds to a training step: the global gradient norm and clipping with it.
+
+The data-parallel gradient average is `parallel.zero.allreduce_data_parallel_gradients` (fp32 reduction).
 
 The global gradient norm is the norm of the gradient of the ONE logical model (what transformers.Trainer computes
 on one device): every element counted once. A tensor-parallel shard is counted on its rank; a replicated parameter
@@ -95,21 +97,3 @@ def clip_grads_with_norm_(params: Iterable[nn.Parameter], max_norm: float, total
     for p in params:
         if p.grad is not None:
             p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
-
-
-def average_over_group_(tensors: Iterable[torch.Tensor], group, size: int) -> None:
-    """Average tensors in place over a process group (what DistributedDataParallel does to gradients), with one
-    flat all-reduce per dtype. gloo has no AVG, so: sum, then divide."""
-    if size <= 1:
-        return
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        by_dtype.setdefault(t.dtype, []).append(t)
-    for group_tensors in by_dtype.values():
-        flat = torch.cat([t.reshape(-1) for t in group_tensors])
-        dist.all_reduce(flat, group=group)
-        flat.div_(size)
-        offset = 0
-        for t in group_tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()

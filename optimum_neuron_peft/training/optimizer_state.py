@@ -5,6 +5,9 @@ are consolidated through the same specs as the adapter (`consolidate_adapter`: s
 bit-exact) and re-sliced on load (`local_adapter_tensors`). Scalar state (Adam's ``step``) is the same for every
 parameter and is kept once per key. Stored as ``optimizer.safetensors`` (``<state key>/<original name>``) plus
 ``optimizer.json`` (the param groups' hyper-parameters and the scalars): nothing is unpickled on load.
+
+A ZeRO-1 optimizer (`parallel.zero`) is gathered to its full state first (`full_optimizer_state_dict`) and loaded
+with `load_full_optimizer_state_dict`, so a checkpoint does not depend on the dp size nor on ZeRO-1 being on.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CheckpointError
+from ..parallel.zero import full_optimizer_state_dict, load_full_optimizer_state_dict
 from ..peft.config import unwrap_model
 from ..peft.model import adapter_metadata, consolidate_adapter, local_adapter_tensors, model_tp
 from ..transformations.names import get_adapter_name, remove_adapter_name
@@ -35,27 +39,38 @@ def _ordered_params(optimizer: torch.optim.Optimizer) -> list[list[nn.Parameter]
     return [list(group["params"]) for group in optimizer.param_groups]
 
 
+def _unwrap(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer under accelerate's ``AcceleratedOptimizer`` (which keeps it as ``.optimizer``)."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
 def consolidated_optimizer_state(
     model: nn.Module, optimizer: torch.optim.Optimizer, adapter: str = "default"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors ``<key>/<original name>``, json-able rest). Collective over the tensor-parallel group."""
+    """(tensors ``<key>/<original name>``, json-able rest) on data-parallel rank 0; ({}, {}) on the others.
+    Collective over the data-parallel group (ZeRO-1 gather) and the tensor-parallel group."""
+    optimizer = _unwrap(optimizer)
+    full = full_optimizer_state_dict(optimizer)
+    if full is None:  # not dp rank 0: the whole tp group of this replica skips the tp gather below
+        return {}, {}
     names = _local_names(model, adapter)
     tensor_state: dict[str, dict[str, torch.Tensor]] = {}
     scalars: dict[str, Any] = {}
-    for group in _ordered_params(optimizer):
-        for param in group:
-            if id(param) not in names:
-                raise CheckpointError(f"checkpoint: the optimizer holds a parameter outside adapter {adapter!r}; "
-                                      "checkpoints hold the optimizer state of one trained adapter")  # fmt: skip
-            for key, value in optimizer.state.get(param, {}).items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0:
-                    tensor_state.setdefault(key, {})[names[id(param)]] = value.detach().contiguous()
-                else:
-                    scalar = value.item() if torch.is_tensor(value) else value
-                    dtype = str(value.dtype).removeprefix("torch.") if torch.is_tensor(value) else None
-                    if key in scalars and scalars[key]["value"] != scalar:
-                        raise CheckpointError(f"optimizer state {key!r} differs between parameters; cannot reshard it")
-                    scalars[key] = {"value": scalar, "dtype": dtype}
+    params = [p for group in _ordered_params(optimizer) for p in group]
+    for index, param in enumerate(params):
+        if id(param) not in names:
+            raise CheckpointError(f"checkpoint: the optimizer holds a parameter outside adapter {adapter!r}; "
+                                  "checkpoints hold the optimizer state of one trained adapter")  # fmt: skip
+        for key, value in (full["state"].get(index) or {}).items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.dim() > 0:
+                tensor_state.setdefault(key, {})[names[id(param)]] = value.detach().contiguous()
+            else:
+                scalar = value.item() if torch.is_tensor(value) else value
+                dtype = str(value.dtype).removeprefix("torch.") if torch.is_tensor(value) else None
+                if key in scalars and scalars[key]["value"] != scalar:
+                    raise CheckpointError(f"optimizer state {key!r} differs between parameters; cannot reshard it")
+                scalars[key] = {"value": scalar, "dtype": dtype}
     tp = model_tp(model)
     metadata = adapter_metadata(model, adapter)
     tensors: dict[str, torch.Tensor] = {}
@@ -68,7 +83,7 @@ def consolidated_optimizer_state(
             gathered = [local]
         for name, value in consolidate_adapter(gathered, metadata, adapter).items():
             tensors[f"{key}/{name}"] = value.clone().contiguous()
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in full["param_groups"]]
     return tensors, {"param_groups": hyper, "scalars": scalars, "tensor_keys": sorted(tensor_state)}
 
 
@@ -90,7 +105,8 @@ def _jsonable(value: Any) -> Any:
 def load_optimizer_state(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, adapter: str = "default"
 ) -> None:
-    """Load what `save_optimizer_state` wrote into ``optimizer``, re-sliced for this rank's layout."""
+    """Load what `save_optimizer_state` wrote into ``optimizer``, re-sliced for this rank's layout (a ZeRO-1
+    optimizer keeps its own shard)."""
     from safetensors.torch import load_file
 
     weights, meta = directory / OPTIMIZER_WEIGHTS, directory / OPTIMIZER_JSON
@@ -99,6 +115,7 @@ def load_optimizer_state(
                               "optimum_neuron_peft.training.Trainer)")  # fmt: skip
     rest = json.loads(meta.read_text())
     saved = load_file(str(weights))
+    optimizer = _unwrap(optimizer)
     groups = _ordered_params(optimizer)
     if len(rest["param_groups"]) != len(groups):
         raise CheckpointError(f"{meta}: {len(rest['param_groups'])} parameter groups, the optimizer has {len(groups)}")
@@ -122,7 +139,7 @@ def load_optimizer_state(
             ids.append(index)
             index += 1
         param_groups.append({**_restore_tuples(hyper, optimizer), "params": ids})
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+    load_full_optimizer_state_dict(optimizer, {"state": state, "param_groups": param_groups})
 
 
 def _restore_tuples(hyper: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -8,8 +8,11 @@ single-process on every rank (`arguments.single_process_accelerate`); this class
   over the world under DDP); the tensor-parallel ranks of a replica see the same batches. Evaluation is not
   sharded: every replica evaluates the whole set (same result, no gather needed);
 - loss: the token count is summed over the data-parallel group and the loss scaled by dp, as transformers does
-  under DDP; the gradients are averaged over the data-parallel group (DDP's all-reduce) after the last
-  micro-batch, after the sequence-parallel gradient sums;
+  under DDP; the gradients are averaged over the data-parallel group (DDP's all-reduce, in fp32) after the last
+  micro-batch (the sequence-parallel sums already happened in backward);
+- optimizer: transformers' own, or with ``zero_1`` the same one sharded over the data-parallel group (ZeRO-1);
+- bf16: built from a directory with ``bf16=True`` the base is bf16 (LoRA and optimizer state fp32), with no
+  autocast over a bf16 base;
 - clipping: the global norm of the logical model (`gradients.global_grad_norm`);
 - logged losses: averaged over the data-parallel group;
 - saving: `save_model` writes ONE vanilla PEFT adapter (or a Transformers model directory); checkpoints hold the
@@ -44,10 +47,11 @@ from ..parallel import (
     init_distributed_from_env,
     model_parallel_is_initialized,
 )
+from ..parallel.zero import allreduce_data_parallel_, allreduce_data_parallel_gradients, make_zero1_optimizer
 from ..peft.model import PeftModel, load_original_adapter_weights, read_vanilla_adapter
 from .arguments import TrainingArguments
 from .metrics import ThroughputMeter, write_summary
-from .gradients import average_over_group_, clip_grads_with_norm_, global_grad_norm, norm_shares
+from .gradients import clip_grads_with_norm_, global_grad_norm, norm_shares
 from .optimizer_state import (
     OPTIMIZER_WEIGHTS,
     consolidated_optimizer_state,
@@ -121,8 +125,10 @@ def build_model(path: str | os.PathLike, args: TrainingArguments, peft_config: A
     args.tensor_parallel_size = tp
     if args.sequence_parallel is None:
         args.sequence_parallel = tp > 1
+    # bf16 policy (docs/peft.md): a bf16 base; LoRA parameters, optimizer state and gradient sums stay fp32
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     model = AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=torch.float32, fuse_qkv=bool(args.fuse_qkv), kv_size_multiplier=args.kv_size_multiplier,
+        path, torch_dtype=dtype, fuse_qkv=bool(args.fuse_qkv), kv_size_multiplier=args.kv_size_multiplier,
         sequence_parallel=args.sequence_parallel,
     )  # fmt: skip
     if peft_config is not None:
@@ -175,15 +181,23 @@ class Trainer(transformers.Trainer):
             if peft_config is not None:
                 model = add_adapter(model, peft_config, args.seed)
             _adopt_model_layout(args, model)
-        if args.activation_checkpointing and not hasattr(_base_model(model), "gradient_checkpointing_enable"):
+        if args.activation_checkpointing and not hasattr(_base_model(model), "activation_checkpointing_enable"):
             raise ConfigError("TrainingArguments.gradient_checkpointing: this model has no "
-                              "gradient_checkpointing_enable(); turn the option off")  # fmt: skip
+                              "activation_checkpointing_enable(); turn the option off")  # fmt: skip
         self._shares = None
         self._meter: ThroughputMeter | None = None
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks, **kwargs,
         )  # fmt: skip
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        """No autocast over a bf16 base (the bf16 policy): accelerate's bf16 autocast would run the fp32 LoRA
+        branch and the fp32 loss in bf16. An fp32 model with ``bf16=True`` keeps transformers' autocast."""
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if any(p.dtype == torch.bfloat16 for p in _base_model(self.model).parameters()):
+            accelerator_args["mixed_precision"] = "no"
+        return accelerator_args
 
     # -- layout helpers ---------------------------------------------------------------------------------------
 
@@ -196,7 +210,7 @@ class Trainer(transformers.Trainer):
         return self.args.dp_size
 
     def _dp_average_(self, tensors) -> None:
-        average_over_group_(list(tensors), get_data_parallel_group(), self.dp_size)
+        allreduce_data_parallel_(list(tensors), get_data_parallel_group())
 
     def _trainable(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -269,11 +283,39 @@ class Trainer(transformers.Trainer):
         return loss
 
     def _synchronize_gradients(self) -> None:
-        base = _base_model(self.model)
-        if hasattr(base, "allreduce_sequence_parallel_gradients"):
-            base.allreduce_sequence_parallel_gradients()
+        # sequence-parallel gradients are already summed over tp in backward (the model's hooks)
         if self.dp_size > 1:
-            self._dp_average_(p.grad for p in self._trainable() if p.grad is not None)
+            allreduce_data_parallel_gradients(self._trainable(), get_data_parallel_group())
+
+    def create_optimizer(self, model=None):
+        """transformers' optimizer (class, parameter groups, weight-decay split, hyper-parameters); with
+        ``args.zero_1`` the same optimizer with its state sharded over the data-parallel group (ZeRO-1)."""
+        optimizer = super().create_optimizer(model)
+        if self.args.zero_1 and self.dp_size > 1 and not _is_sharded(optimizer):
+            if optimizer.state:
+                raise ConfigError("TrainingArguments.zero_1: the optimizer already holds state; cannot shard it")
+            # the class and keyword arguments transformers built it with; the groups carry the weight-decay split
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            if type(optimizer) is not optimizer_cls or {"params", "model", "optimizer_dict"} & set(kwargs):
+                raise ConfigError(f"TrainingArguments.zero_1: optim={self.args.optim!r} builds "
+                                  f"{type(optimizer).__name__}, which ZeRO-1 cannot shard; "
+                                  "use a torch.optim optimizer")  # fmt: skip
+            groups = [{k: v for k, v in g.items() if k == "params" or k not in kwargs} for g in optimizer.param_groups]
+            self.optimizer = make_zero1_optimizer(groups, optimizer_cls, get_data_parallel_group(), **kwargs)
+            self._skip_state_round_trip(self.optimizer)
+        return self.optimizer
+
+    def _skip_state_round_trip(self, sharded: torch.optim.Optimizer) -> None:
+        """accelerate's device placement round-trips the optimizer's state_dict, which a sharded optimizer only
+        gives after a collective consolidation; its (lazily created) state already lives on the parameters'
+        device, so prepare it without placement."""
+        acc = self.accelerator
+        prepare_optimizer = type(acc).prepare_optimizer.__get__(acc)
+
+        def prepare(optimizer, device_placement=None):
+            return prepare_optimizer(optimizer, device_placement=False if optimizer is sharded else device_placement)
+
+        acc.prepare_optimizer = prepare
 
     def _norm_shares(self):
         if self._shares is None:
@@ -296,9 +338,14 @@ class Trainer(transformers.Trainer):
                                       self._peak_flops_per_device())  # fmt: skip
         if not self.args.activation_checkpointing:
             return super().train(*args, **kwargs)
-        # transformers would call it with its own keywords (every_n_layers, offload); ours takes the kwargs only
-        base = _base_model(self.model)
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=self.args.activation_checkpointing_kwargs)
+        # transformers' own handling (it would call the PeftModel, whose enable does not reach our layers):
+        # every_n_layers and offload come out of the kwargs, the rest go to torch.utils.checkpoint.checkpoint
+        ckpt_kwargs = dict(self.args.activation_checkpointing_kwargs or {})
+        every_n_layers = ckpt_kwargs.pop("every_n_layers", 1)
+        if ckpt_kwargs.pop("offload", False):
+            raise ConfigError("TrainingArguments.activation_checkpointing_kwargs: offload=True is not supported; "
+                              "the checkpointed activations stay on the device")  # fmt: skip
+        _base_model(self.model).activation_checkpointing_enable(ckpt_kwargs or None, every_n_layers=every_n_layers)
         self.args.activation_checkpointing = False
         try:
             return super().train(*args, **kwargs)
@@ -518,6 +565,12 @@ class Trainer(transformers.Trainer):
         path = checkpoint / f"rng_state_{rank}.pth"
         if path.is_file():
             _set_rng_state(torch.load(path, weights_only=True))
+
+
+def _is_sharded(optimizer: torch.optim.Optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
 def _rng_state() -> dict[str, Any]:

@@ -7,7 +7,7 @@ grad_norm, learning_rate and num_input_tokens_seen at every step, the trained ad
 and the eval_loss of ``evaluate()`` (rtol 1e-4), at tp 1, 2 and 4 with and without sequence parallelism and at
 tp 2 x dp 2. References: transformers.Trainer in one process, and in 2 DDP gloo processes for tp 2 x dp 2.
 Resumed runs (same layout: bit for bit; tp 2 -> 1, tp 2 x dp 2 -> tp 4 x dp 1) equal the uninterrupted ones.
-Spawns of 4 processes are marked slow.
+tp 2 x dp 2 with ZeRO-1 equals it without, bit for bit. Spawns of 4 processes are marked slow.
 """
 
 from __future__ import annotations
@@ -155,6 +155,7 @@ def dp_runs(root):
     runs = [
         ("tp2dp2", "ours", dict(tp=2, sequence_parallel=True, save_strategy="steps", save_steps=1,
                                 save_total_limit=2)),  # fmt: skip
+        ("tp2dp2_zero1", "ours", dict(tp=2, sequence_parallel=True, zero_1=True)),
         ("tp4", "ours", dict(tp=4)),
         ("tp4_sp", "ours", dict(tp=4, sequence_parallel=True)),
         # the same global batch (4 rows x 2 micro-batches x dp 1) from the tp 2 x dp 2 checkpoint
@@ -175,6 +176,12 @@ def test_tp2_dp2_equals_transformers_trainer_ddp(reference, dp_runs):
     assert any(not torch.equal(ddp_adapter[k], one_process_adapter[k]) for k in ddp_adapter)  # dp changes the run
     single_eval_of_ddp_adapter = dp_runs["reference_ddp_adapter_one_process_eval"]
     assert_same_training(dp_runs["tp2dp2"], dp_runs["reference_ddp"], eval_reference=single_eval_of_ddp_adapter)
+
+
+@pytest.mark.slow
+def test_tp2_dp2_zero1_equals_unsharded(dp_runs):
+    """ZeRO-1 over each tp rank's dp group: the same training bit for bit (tests/training/test_trainer_zero1.py)."""
+    assert_same_training(dp_runs["tp2dp2_zero1"], dp_runs["tp2dp2"], rtol=0, atol=0)
 
 
 @pytest.mark.slow
