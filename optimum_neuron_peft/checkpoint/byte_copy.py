@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from .lazy import LazyTensor
+    from ..formats.lazy import LazyTensor
 
 ByteRange = tuple[Path, int, int]  # (file, offset, length)
 _IOV_MAX = 1024

@@ -34,10 +34,10 @@ from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json, validate
 from .schemas import METADATA_SCHEMA
-from .torch_zip import TensorReference, load_plain_pickle, open_torch_dict, open_torch_tensor
+from ..formats.torch_zip import TensorReference, load_plain_pickle, open_torch_dict, open_torch_tensor
 
 if TYPE_CHECKING:
-    from .lazy import LazyTensor
+    from ..formats.lazy import LazyTensor
 
 Serialization = Literal["plain", "xser"]
 

@@ -34,7 +34,7 @@ from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
 from .schemas import ADAPTER_CONFIG_SCHEMA, MODEL_CONFIG_SCHEMA, read_index_files
 from .consolidate import original_weights
-from .lazy import LazyTensor, open_safetensors
+from ..formats.lazy import LazyTensor, open_safetensors
 from .optimum_neuron import ADAPTER_CONFIG, _ROOT_FILES
 from .sharded import (
     MANIFEST,

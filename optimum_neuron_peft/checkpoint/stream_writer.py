@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from ..errors import CheckpointError
-from .dtypes import itemsize, safetensors_code
+from ..formats.dtypes import itemsize, safetensors_code
 
 if TYPE_CHECKING:
     import torch

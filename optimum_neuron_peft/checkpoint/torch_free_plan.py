@@ -24,13 +24,13 @@ from ..transformations.names import is_lora_parameter, normalize_parameters_meta
 from .config_shapes import check_config_shapes
 from .declared import DeclaredSpec, GroupShapes, Unsupported, check_parameter_entry, declared_spec, group_outputs
 from .detect import Checkpoint, open_checkpoint, source_format_of
-from .dtypes import itemsize
+from ..formats.dtypes import itemsize
 from .grouping import check_ranks_agree, group_tensors
 from .optimum_neuron import ShardedPart
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
 from .provenance import Provenance
-from .stored import StoredTensor, read_safetensors_header
-from .torch_zip import scan_torch_dict
+from ..formats.stored import StoredTensor, read_safetensors_header
+from ..formats.torch_zip import scan_torch_dict
 
 
 @dataclass(frozen=True)

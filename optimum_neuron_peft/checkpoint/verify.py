@@ -20,11 +20,11 @@ from ..errors import CheckpointError
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict
 from ..utils.safe_paths import check_inside
-from .lazy import LazyTensor, open_safetensors
+from ..formats.lazy import LazyTensor, open_safetensors
 from .loadability import check_adapter_keys, check_model_keys
 from .schemas import read_index_files
 from .source import checked
-from .torch_zip import open_torch_state_dict
+from ..formats.torch_zip import open_torch_state_dict
 
 
 @dataclass

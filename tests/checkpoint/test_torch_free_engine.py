@@ -18,7 +18,7 @@ from optimum_neuron_peft.checkpoint.consolidate import consolidate, plan_consoli
 from optimum_neuron_peft.checkpoint.consolidation import ConsolidateOptions
 from optimum_neuron_peft.checkpoint.torch_free import try_consolidate
 from optimum_neuron_peft.checkpoint.torch_free_plan import plan_model
-from optimum_neuron_peft.checkpoint.torch_zip import open_torch_dict, scan_torch_dict
+from optimum_neuron_peft.formats.torch_zip import open_torch_dict, scan_torch_dict
 from optimum_neuron_peft.cli import main
 from optimum_neuron_peft.errors import CheckpointError, UnsafePickleError
 

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from optimum_neuron_peft.checkpoint.lazy import LazyTensor, open_safetensors
-from optimum_neuron_peft.checkpoint.torch_zip import (
+from optimum_neuron_peft.formats.lazy import LazyTensor, open_safetensors
+from optimum_neuron_peft.formats.torch_zip import (
     TensorReference,
     load_plain_pickle,
     open_torch_state_dict,

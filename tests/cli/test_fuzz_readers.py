@@ -23,8 +23,8 @@ from optimum_neuron_peft.checkpoint.optimum_neuron import load_metadata, normali
 from optimum_neuron_peft.checkpoint.optimum_neuron_writer import write_xser_rank_file
 from optimum_neuron_peft.checkpoint.schemas import read_index_files
 from optimum_neuron_peft.checkpoint.sharded import read_manifest
-from optimum_neuron_peft.checkpoint.stored import read_safetensors_header
-from optimum_neuron_peft.checkpoint.torch_zip import open_torch_dict
+from optimum_neuron_peft.formats.stored import read_safetensors_header
+from optimum_neuron_peft.formats.torch_zip import open_torch_dict
 from optimum_neuron_peft.errors import OptimumNeuronPeftError
 from optimum_neuron_peft.merging.adapter_io import load_adapter
 from optimum_neuron_peft.transformations.metadata import parse_metadata
