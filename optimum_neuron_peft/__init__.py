@@ -1,6 +1,6 @@
 """optimum-neuron-peft: tensor-parallel LoRA fine-tuning of Llama-family models.
 
-The weight transformation API is importable from the top level; the runtime (`optimum_neuron_peft.parallel`),
+The weight transformation API (and LoRA-config adaptation) is importable from the top level; the runtime (`optimum_neuron_peft.parallel`),
 models (`.models`), PEFT integration (`.peft`), checkpoints (`.checkpoint`) and merging (`.merge_utils`,
 `.merging`) live in their subpackages.
 
@@ -36,9 +36,14 @@ __all__ = [
 ]
 
 
+# LoRA-config adaptation lives with the PEFT integration; the other top-level names are weight transformations.
+_FROM_PEFT = frozenset({"adapt_peft_config_for_model", "to_original_peft_config_for_model"})
+
+
 def __getattr__(name: str) -> Any:
     if name in __all__:
-        value = getattr(importlib.import_module(".transformations", __name__), name)
+        module = ".peft.config" if name in _FROM_PEFT else ".transformations"
+        value = getattr(importlib.import_module(module, __name__), name)
         globals()[name] = value  # resolved once
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

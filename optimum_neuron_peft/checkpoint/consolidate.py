@@ -49,7 +49,6 @@ from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint
 from .stream_writer import TensorPlan
 from .torch_free import ENGINES, try_consolidate
 
-PEFT_PREFIX = PEFT_WRAPPER_PREFIX
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
 __all__ = ["ConsolidationResult", "SLEEP_ENV", "consolidate", "plan_consolidation"]
@@ -159,7 +158,7 @@ def plan_part(part: Part, dtype: torch.dtype | None) -> list[GroupPlan]:
     plans = []
     seen: dict[str, Path] = {}
     cache: dict = {}
-    prefix = "" if part.adapter_name is None else PEFT_PREFIX
+    prefix = "" if part.adapter_name is None else PEFT_WRAPPER_PREFIX
     for stage in part.stages:
         for group in stage.groups:
             outputs = []

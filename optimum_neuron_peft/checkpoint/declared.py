@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ..transformations.gqa_layout import KV_LAYOUTS, gqa_shape_problem, kv_replicas_for_rank, query_head_indices_for_rank
-from ..transformations.names import is_lora_parameter
+from ..transformations.names import SUPPORTED_PEFT_TYPES, is_lora_parameter
 from ..transformations.spec_fields import FUSE_AXES, QKV, FusedLinearsFields, GQAQKVFields
 from .provenance import ColumnGather, Piece, Provenance, RowCopy
 
 Shape = tuple[int, ...]
-SUPPORTED_PEFT_TYPES = ("lora",)  # as `transformations.base`
 
 
 class Unsupported(Exception):

@@ -141,10 +141,6 @@ def checked(call, stage: Stage, what: str):
         ) from None
 
 
-def part_label(part: Part) -> str:
-    return "model" if part.adapter_name is None else f"adapter {part.adapter_name!r}"
-
-
 def select_parts(checkpoint: Checkpoint, adapter: str | None, source_format: str) -> list[Part]:
     if adapter is not None:
         if adapter not in checkpoint.adapters:

@@ -317,14 +317,6 @@ class SafetensorsPlacedWriter:
             self._fd = None
 
 
-def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, hash: bool = False) -> FileRecord:
-    """Write a small dict of tensors in one go (same bytes as the streaming writer)."""
-    with SafetensorsStreamWriter(path, [TensorPlan.of(n, t) for n, t in tensors.items()], metadata, hash=hash) as writer:
-        for name, tensor in tensors.items():
-            writer.write(name, tensor)
-    return writer.close()
-
-
 def sha256_file(path: str | os.PathLike, chunk: int = 16 << 20) -> str:
     digest = hashlib.sha256()
     buffer = bytearray(chunk)

@@ -29,7 +29,7 @@ from ..transformations import (
     ModelWeightTransformationSpecs,
     adapt_state_dict,
 )
-from ..transformations.names import add_adapter_name, split_lora_name
+from ..transformations.names import PEFT_WRAPPER_PREFIX, add_adapter_name, split_lora_name
 
 _REPLICATED = {"tensor_model_parallel": False}
 
@@ -125,9 +125,6 @@ class LlamaShardingLayout:
     def metadata_per_pp(self, adapter_name: str | None = None) -> dict[int, dict[str, Any]]:
         return {pp: self.metadata(pp, adapter_name) for pp in range(self.pp_size)}
 
-    def with_tp_size(self, tp_size: int, config: Any, **kwargs: Any) -> "LlamaShardingLayout":
-        return llama_layout(config, tp_size, pp_size=self.pp_size, **kwargs)
-
 
 TIED_LM_HEAD = "lm_head.weight"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -219,8 +216,7 @@ def llama_layout(
 
 def peft_state_dict_to_plain(adapter_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``base_model.model.<name>.lora_A.weight`` (PEFT's saved keys) -> ``<name>.lora_A.weight``."""
-    prefix = "base_model.model."
-    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in adapter_state_dict.items()}
+    return {k.removeprefix(PEFT_WRAPPER_PREFIX): v for k, v in adapter_state_dict.items()}
 
 
 # LoRA parameters of the GQA spec, one per projection; a `FusedLinearsSpec` names them by linear (``weight_gate_proj``).

@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from ..merging import COMBINATION_TYPES, combine_adapters, merge_adapter_into_base
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import claimed_output
 
 
@@ -49,7 +50,7 @@ def _progress_bar(args, unit: str):
             return
         if bar is None:
             bar = tqdm(total=total, unit=unit, desc=args.merge_mode)
-        bar.set_postfix_str(name.removeprefix("base_model.model."), refresh=False)
+        bar.set_postfix_str(name.removeprefix(PEFT_WRAPPER_PREFIX), refresh=False)
         bar.update(done - bar.n)
         if done == total:
             bar.close()

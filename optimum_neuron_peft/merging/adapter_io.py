@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint.schemas import ADAPTER_CONFIG_SCHEMA
 from ..errors import MergeError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.schema import read_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -49,7 +50,7 @@ class Adapter:
 
 def _pattern_value(patterns: dict, module: str, default):
     """PEFT's ``get_pattern_key``: a pattern matches a module whose name ends with it at a dot boundary."""
-    name = module.removeprefix("base_model.model.")
+    name = module.removeprefix(PEFT_WRAPPER_PREFIX)
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value

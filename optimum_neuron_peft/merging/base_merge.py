@@ -21,13 +21,13 @@ import torch
 from ..checkpoint.schemas import read_index_files
 from ..formats.stored import read_safetensors_header
 from ..errors import MergeError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from .adapter_io import LoraModule, load_adapter
 from .device import resolve_device
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
-_PEFT_PREFIX = "base_model.model."
 _COPY_BLOCK = 64 << 20
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -80,7 +80,7 @@ def _plan(shards: list[_Shard], modules: dict[str, LoraModule], fan_in_fan_out: 
     where = {name: shard for shard in shards for name in shard.entries}
     plan: dict[str, LoraModule] = {}
     for module_name, module in modules.items():
-        name = module_name.removeprefix(_PEFT_PREFIX) + ".weight"
+        name = module_name.removeprefix(PEFT_WRAPPER_PREFIX) + ".weight"
         if name not in where:
             raise MergeError(f"{adapter_dir}: adapter targets {module_name!r} but the base has no tensor {name!r}")
         entry = where[name].entries[name]

@@ -27,6 +27,7 @@ import torch
 
 from .. import merge_utils as mu
 from ..errors import MergeError
+from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from .adapter_io import Adapter, load_adapter, natural_key, save_adapter
 from .device import resolve_device
@@ -167,7 +168,7 @@ def module_order_from_config(config_dir: str | Path) -> list[str]:
     config = AutoConfig.from_pretrained(config_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    return [f"base_model.model.{name}" for name, _ in model.named_modules()]
+    return [PEFT_WRAPPER_PREFIX + name for name, _ in model.named_modules()]
 
 
 def _ordered_modules(adapters: list[Adapter], module_order: Sequence[str] | None) -> list[str]:

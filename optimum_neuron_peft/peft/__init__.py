@@ -9,14 +9,16 @@ from .config import (
     ALL_LINEAR,
     FUSED_REGEX_MARKER,
     adapt_lora_config,
+    adapt_peft_config_for_model,
     annotate_fused_layers,
-    check_lora_config,
     fused_layouts,
     lora_layer_mapping,
     to_original_lora_config,
+    to_original_peft_config_for_model,
 )
 from .fused import FusedProjections, LoraFusedColumnParallelLinear, LoraWeights
 from .gqa_layer import LoraGQAQKVColumnParallelLinear
+from .lora_checks import check_lora_config
 from .layers import LoraColumnParallelLinear, LoraParallelEmbedding, LoraRowParallelLinear, ParallelLoraLayer
 from .model import (
     PeftModel,
@@ -27,7 +29,6 @@ from .model import (
     local_adapter_state_dict,
     read_vanilla_adapter,
 )
-from ..transformations import adapt_peft_config_for_model, to_original_peft_config_for_model
 
 __all__ = [
     "ALL_LINEAR",

@@ -34,50 +34,17 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..parallel import ColumnParallelLinear, GQAQKVColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.base import CustomModule
+from ..transformations.names import SUPPORTED_PEFT_TYPES, is_supported_peft_type, peft_type_name
+from .fused import FUSED_LAYOUT_ATTRIBUTE, FusedProjections, column_parallel_lora
+from .gqa_layer import LoraGQAQKVColumnParallelLinear
+from .layers import INPUT_COLUMNS_ATTRIBUTE, LoraParallelEmbedding, LoraRowParallelLinear
+from .lora_checks import check_lora_config
 
 ALL_LINEAR = "all-linear"
 FUSED_REGEX_MARKER = "(?#optimum-neuron-peft:fused)"
-SUPPORTED_INITS = (True, False, "gaussian")
-SUPPORTED_PEFT_TYPES = ("LORA",)
-
-
-# -- config checks --------------------------------------------------------------------------------------------
-
-
-def _peft_type(config: Any) -> str:
-    value = getattr(config, "peft_type", None)
-    return str(getattr(value, "value", value)).upper()
-
-
-def check_lora_config(config: Any) -> None:
-    """Refuse, with a `ConfigError` naming what is supported, the PEFT configs our parallel LoRA layers cannot run."""
-    if _peft_type(config) not in SUPPORTED_PEFT_TYPES:
-        raise ConfigError(
-            f"PEFT type {_peft_type(config)!r} is not supported for tensor-parallel models; supported PEFT types: "
-            f"{', '.join(SUPPORTED_PEFT_TYPES)} (peft.LoraConfig)"
-        )
-    if getattr(config, "use_dora", False):
-        raise ConfigError("use_dora=True (DoRA) is not supported on tensor-parallel layers; set use_dora=False")
-    if getattr(config, "lora_bias", False):
-        raise ConfigError("lora_bias=True is not supported on tensor-parallel layers; set lora_bias=False")
-    init = config.init_lora_weights
-    if not (init is True or init is False or (isinstance(init, str) and init.lower() == "gaussian")):
-        raise ConfigError(
-            f"init_lora_weights={init!r} is not supported on tensor-parallel layers; supported: True, False, 'gaussian'"
-        )
-    unsupported = {
-        "target_parameters": getattr(config, "target_parameters", None),
-        "layer_replication": getattr(config, "layer_replication", None),
-        "trainable_token_indices": getattr(config, "trainable_token_indices", None),
-        "fan_in_fan_out": getattr(config, "fan_in_fan_out", False),
-    }
-    for name, value in unsupported.items():
-        if value:
-            raise ConfigError(f"{name}={value!r} is not supported for tensor-parallel models; leave it unset")
-    if getattr(config, "bias", "none") != "none":
-        raise ConfigError(f"bias={config.bias!r} is not supported for tensor-parallel models; use bias='none'")
 
 
 # -- what the custom model corresponds to ---------------------------------------------------------------------
@@ -95,10 +62,8 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def fused_layouts(model: nn.Module) -> dict[str, "FusedProjections"]:
+def fused_layouts(model: nn.Module) -> dict[str, FusedProjections]:
     """{fused module name: its original projections} from the specs of the model's custom modules."""
-    from .fused import FusedProjections
-
     layouts = {}
     for name, module in unwrap_model(model).named_modules():
         if not isinstance(module, CustomModule):
@@ -122,10 +87,7 @@ def fused_layouts(model: nn.Module) -> dict[str, "FusedProjections"]:
     return layouts
 
 
-def _adaptable_types() -> tuple[type, ...]:
-    from ..parallel import ColumnParallelLinear, GQAQKVColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-
-    return (ColumnParallelLinear, RowParallelLinear, GQAQKVColumnParallelLinear, ParallelEmbedding)
+ADAPTABLE_TYPES = (ColumnParallelLinear, RowParallelLinear, GQAQKVColumnParallelLinear, ParallelEmbedding)
 
 
 def _base(module: nn.Module) -> nn.Module:
@@ -134,8 +96,6 @@ def _base(module: nn.Module) -> nn.Module:
 
 def original_modules(model: nn.Module) -> dict[str, tuple[str, bool]]:
     """{original module name: (custom module name, is a linear)} for every module LoRA can target."""
-    from ..parallel import ParallelEmbedding
-
     inner = unwrap_model(model)
     layouts = fused_layouts(inner)
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -146,7 +106,7 @@ def original_modules(model: nn.Module) -> dict[str, tuple[str, bool]]:
         if any(name.startswith(prefix) for prefix in lora_prefixes):
             continue  # base_layer, lora_A... inside an existing LoRA layer
         base = _base(module)
-        if not isinstance(base, _adaptable_types() + (nn.Linear, nn.Embedding)):
+        if not isinstance(base, ADAPTABLE_TYPES + (nn.Linear, nn.Embedding)):
             continue
         if name in layouts:
             parent = name.rsplit(".", 1)[0]
@@ -278,8 +238,11 @@ def _check_modules_to_save(config: Any, originals: dict, layouts: dict) -> None:
 
 def to_original_lora_config(model: nn.Module, config: Any, inplace: bool = False) -> Any:
     """Inverse of `adapt_lora_config`."""
-    if _peft_type(config) not in SUPPORTED_PEFT_TYPES:
-        raise ConfigError(f"PEFT type {_peft_type(config)!r} is not supported; supported PEFT types: LORA")
+    if not is_supported_peft_type(config):
+        raise ConfigError(
+            f"PEFT type {peft_type_name(config)!r} is not supported; supported PEFT types: "
+            f"{', '.join(t.upper() for t in SUPPORTED_PEFT_TYPES)}"
+        )
     restored = config if inplace else copy.deepcopy(config)
     layouts = fused_layouts(model)
     target = restored.target_modules
@@ -310,12 +273,34 @@ def to_original_lora_config(model: nn.Module, config: Any, inplace: bool = False
     return restored
 
 
+def adapt_peft_config_for_model(model: nn.Module, peft_config: Any, inplace: bool = False) -> Any:
+    """Rewrite a LoRA config (or {adapter name: config}) written with original module names for the custom model.
+
+    Regexes, ``"all-linear"``, partial targets of fused modules, ``layers_to_transform``, rank / alpha patterns and
+    ``modules_to_save`` are handled against the model (`adapt_lora_config`); the result also registers
+    our parallel LoRA layers with PEFT. Raises `ConfigError` for configs that cannot work (nothing targeted,
+    unsupported PEFT type, DoRA...).
+    """
+    adapted = peft_config if inplace else copy.deepcopy(peft_config)
+    if isinstance(adapted, dict):
+        for name, config in adapted.items():
+            adapted[name] = adapt_lora_config(model, config, inplace=True)
+        return adapted
+    return adapt_lora_config(model, adapted, inplace=True)
+
+
+def to_original_peft_config_for_model(model: nn.Module, peft_config: Any, inplace: bool = False) -> Any:
+    """Inverse of `adapt_peft_config_for_model`: ``to_original(adapt(c)) == c``."""
+    restored = peft_config if inplace else copy.deepcopy(peft_config)
+    if isinstance(restored, dict):
+        for name, config in restored.items():
+            restored[name] = to_original_lora_config(model, config, inplace=True)
+        return restored
+    return to_original_lora_config(model, restored, inplace=True)
+
+
 def annotate_fused_layers(model: nn.Module, layouts: dict | None = None) -> None:
     """Record on each fused base layer the original projections it holds (read by the fused LoRA layers)."""
-    from .fused import FUSED_LAYOUT_ATTRIBUTE
-
-    from .layers import INPUT_COLUMNS_ATTRIBUTE
-
     inner = unwrap_model(model)
     for name, layout in (fused_layouts(inner) if layouts is None else layouts).items():
         setattr(_base(inner.get_submodule(name)), FUSED_LAYOUT_ATTRIBUTE, layout)
@@ -334,11 +319,6 @@ def annotate_fused_layers(model: nn.Module, layouts: dict | None = None) -> None
 
 def lora_layer_mapping() -> dict[type, Any]:
     """PEFT custom-module mapping: base layer type -> LoRA layer (or factory)."""
-    from ..parallel import GQAQKVColumnParallelLinear, ParallelEmbedding, RowParallelLinear, ColumnParallelLinear
-    from .fused import column_parallel_lora
-    from .gqa_layer import LoraGQAQKVColumnParallelLinear
-    from .layers import LoraParallelEmbedding, LoraRowParallelLinear
-
     return {
         GQAQKVColumnParallelLinear: LoraGQAQKVColumnParallelLinear,
         ColumnParallelLinear: column_parallel_lora,

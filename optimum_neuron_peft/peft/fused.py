@@ -219,7 +219,3 @@ def column_parallel_lora(target: nn.Module, adapter_name: str, config: Any, **kw
     if getattr(base, FUSED_LAYOUT_ATTRIBUTE, None) is not None:
         return LoraFusedColumnParallelLinear(target, adapter_name, config=config, **kwargs)
     return LoraColumnParallelLinear(target, adapter_name, config=config, **kwargs)
-
-
-def original_key(fused_key: str, original_name: str) -> str:
-    return re.sub(r"[^.]+$", original_name, fused_key)

@@ -51,7 +51,7 @@ from ..parallel import (
     scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
-from .config import check_lora_config
+from .lora_checks import check_lora_config
 
 # Set on a row-parallel base layer whose local input columns are not a contiguous chunk (o_proj after the GQA
 # query-head permutation): a LongTensor of the original columns this rank holds, in order.

@@ -25,20 +25,17 @@ from torch import nn
 from ..errors import CheckpointError, ConfigError
 from ..parallel import TensorParallel
 from ..transformations import (
-    adapt_peft_config_for_model,
     adapt_state_dict,
     create_parameter_metadata,
     specialize_transformation_specs_for_model,
-    to_original_peft_config_for_model,
     to_original_weights,
 )
 from ..transformations.metadata import model_transformation_specs, parameter_metadata
 from ..transformations.model import normalize_parameters_metadata
-from ..transformations.names import get_adapter_name, remove_adapter_name, remove_base_layer
-from .config import configs_of, unwrap_model
+from ..transformations.names import PEFT_WRAPPER_PREFIX, get_adapter_name, remove_adapter_name, remove_base_layer
+from .config import adapt_peft_config_for_model, configs_of, to_original_peft_config_for_model, unwrap_model
 from .layers import ParallelLoraLayer
 
-PEFT_PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -175,7 +172,7 @@ def read_vanilla_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, di
             f"{adapter_dir}: expected a PEFT adapter directory with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
         )
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
-    tensors = {k.removeprefix(PEFT_PREFIX): v for k, v in load_file(str(weights)).items()}
+    tensors = {k.removeprefix(PEFT_WRAPPER_PREFIX): v for k, v in load_file(str(weights)).items()}
     return config, tensors
 
 
@@ -290,7 +287,7 @@ class _ParallelPeftMixin:
             return  # one writer: data-parallel replicas hold the same adapter
         directory.mkdir(parents=True, exist_ok=True)
         partial = directory / f".{ADAPTER_WEIGHTS}.partial"
-        save_file({PEFT_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(partial))
+        save_file({PEFT_WRAPPER_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(partial))
         os.replace(partial, directory / ADAPTER_WEIGHTS)  # atomic: a reader never sees half a file
         self.original_peft_config(adapter).save_pretrained(str(directory))
 

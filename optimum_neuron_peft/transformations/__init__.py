@@ -23,8 +23,8 @@ _EXPORTS = {
         ["create_parameter_metadata", "get_tensor_model_parallel_attributes", "metadata_from_json", "metadata_to_json",
          "parse_metadata"], ".metadata"),
     **dict.fromkeys(
-        ["adapt_peft_config_for_model", "adapt_state_dict", "normalize_parameters_metadata",
-         "specialize_transformation_specs_for_model", "to_original_peft_config_for_model", "to_original_weights"],
+        ["adapt_state_dict", "normalize_parameters_metadata", "specialize_transformation_specs_for_model",
+         "to_original_weights"],
         ".model"),
     **dict.fromkeys(["get_adapter_name", "is_base_layer", "remove_adapter_name"], ".names"),
     **dict.fromkeys(

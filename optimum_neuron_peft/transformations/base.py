@@ -16,13 +16,12 @@ from typing import Any, ClassVar, Iterator, Mapping, Sequence
 import torch
 
 from ..errors import SpecError
+from .names import SUPPORTED_PEFT_TYPES
 
 # name -> spec class; specs are serialized by this name and deserialized only through this table.
 SPEC_REGISTRY: dict[str, type["ModelWeightTransformationSpec"]] = {}
 # Modules of the built-in specs: importing them registers them (the package no longer imports them eagerly).
 _BUILTIN_SPEC_MODULES = (".fused_linears", ".gqa_qkv")
-
-SUPPORTED_PEFT_TYPES = ("lora",)
 
 
 def register_spec(cls: type["ModelWeightTransformationSpec"]) -> type["ModelWeightTransformationSpec"]:

@@ -6,7 +6,6 @@ an argument, tp sizes come from the specs and the parameters metadata.
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -14,7 +13,7 @@ import torch
 from ..errors import SpecError
 from .base import CustomModule, ModelWeightTransformationSpecs
 from .metadata import model_transformation_specs, parameter_metadata
-from .names import normalize_parameters_metadata
+from .names import normalize_parameters_metadata, without_peft_prefix
 from .sharding import create_local_weight_with_padding, materialize, unshard_tensors
 
 SpecsSource = torch.nn.Module | Iterable[ModelWeightTransformationSpecs]
@@ -25,53 +24,13 @@ def specialize_transformation_specs_for_model(model: torch.nn.Module) -> None:
     for name, module in model.named_modules():
         if not isinstance(module, CustomModule):
             continue
-        module.specs.module_fully_qualified_name = _without_peft_prefix(name)
+        module.specs.module_fully_qualified_name = without_peft_prefix(name)
         for spec in module.specs:
             spec.peft_type = spec.guess_peft_type(model, name)
 
 
-def _without_peft_prefix(name: str) -> str:
-    """``base_model.model.model.layers.0.mlp`` (inside a PeftModel) -> ``model.layers.0.mlp``."""
-    prefix = "base_model.model."
-    return name[len(prefix):] if name.startswith(prefix) else name
-
-
 def _specs_of(source: SpecsSource) -> list[ModelWeightTransformationSpecs]:
     return model_transformation_specs(source) if isinstance(source, torch.nn.Module) else list(source)
-
-
-def _configs(peft_config: Any) -> list[Any]:
-    return list(peft_config.values()) if isinstance(peft_config, dict) else [peft_config]
-
-
-def adapt_peft_config_for_model(model: torch.nn.Module, peft_config: Any, inplace: bool = False) -> Any:
-    """Rewrite a LoRA config (or {adapter name: config}) written with original module names for the custom model.
-
-    Regexes, ``"all-linear"``, partial targets of fused modules, ``layers_to_transform``, rank / alpha patterns and
-    ``modules_to_save`` are handled against the model (`optimum_neuron_peft.peft.config`); the result also registers
-    our parallel LoRA layers with PEFT. Raises `ConfigError` for configs that cannot work (nothing targeted,
-    unsupported PEFT type, DoRA...).
-    """
-    from ..peft.config import adapt_lora_config  # the PEFT integration builds on this package, not the reverse
-
-    adapted = peft_config if inplace else copy.deepcopy(peft_config)
-    if isinstance(adapted, dict):
-        for name, config in adapted.items():
-            adapted[name] = adapt_lora_config(model, config, inplace=True)
-        return adapted
-    return adapt_lora_config(model, adapted, inplace=True)
-
-
-def to_original_peft_config_for_model(model: torch.nn.Module, peft_config: Any, inplace: bool = False) -> Any:
-    """Inverse of `adapt_peft_config_for_model`: ``to_original(adapt(c)) == c``."""
-    from ..peft.config import to_original_lora_config
-
-    restored = peft_config if inplace else copy.deepcopy(peft_config)
-    if isinstance(restored, dict):
-        for name, config in restored.items():
-            restored[name] = to_original_lora_config(model, config, inplace=True)
-        return restored
-    return to_original_lora_config(model, restored, inplace=True)
 
 
 def model_parameters_metadata(model: torch.nn.Module) -> dict[str, dict[str, Any]]:
@@ -170,12 +129,10 @@ def gather_parameter(
 
 
 __all__ = [
-    "adapt_peft_config_for_model",
     "adapt_state_dict",
     "gather_parameter",
     "model_parameters_metadata",
     "normalize_parameters_metadata",
     "specialize_transformation_specs_for_model",
-    "to_original_peft_config_for_model",
     "to_original_weights",
 ]

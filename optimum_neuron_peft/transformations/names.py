@@ -17,6 +17,23 @@ BASE_LAYER = "base_layer"
 # Names inside a ``PeftModel`` start with this (``base_model`` is the LoraModel, ``model`` the wrapped Transformers
 # model); a saved PEFT adapter keeps it on every key, exactly once.
 PEFT_WRAPPER_PREFIX = "base_model.model."
+# The PEFT types the specs and the parallel LoRA layers handle (``peft.PeftType`` values, lower case).
+SUPPORTED_PEFT_TYPES = ("lora",)
+
+
+def peft_type_name(peft_config: Any) -> str:
+    """A PEFT config's type as written in messages (``"LORA"``), from a ``PeftType`` or a string."""
+    value = getattr(peft_config, "peft_type", None)
+    return str(getattr(value, "value", value)).upper()
+
+
+def is_supported_peft_type(peft_config: Any) -> bool:
+    return peft_type_name(peft_config).lower() in SUPPORTED_PEFT_TYPES
+
+
+def without_peft_prefix(name: str) -> str:
+    """``base_model.model.model.layers.0.mlp`` (inside a PeftModel) -> ``model.layers.0.mlp``."""
+    return name.removeprefix(PEFT_WRAPPER_PREFIX)
 
 
 def _lora_component(parts: list[str]) -> int | None:

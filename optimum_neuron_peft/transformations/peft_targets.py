@@ -12,19 +12,14 @@ import copy
 from typing import Any, Sequence
 
 from ..errors import ConfigError
-
-LORA = "LORA"
-
-
-def _peft_type(peft_config: Any) -> str:
-    value = getattr(peft_config, "peft_type", None)
-    return str(getattr(value, "value", value)).upper()
+from .names import SUPPORTED_PEFT_TYPES, is_supported_peft_type, peft_type_name
 
 
 def prepared(peft_config: Any, inplace: bool, spec_name: str) -> Any:
-    if _peft_type(peft_config) != LORA:
+    if not is_supported_peft_type(peft_config):
         raise ConfigError(
-            f"{spec_name}: PEFT type {_peft_type(peft_config)!r} is not supported; supported PEFT types: LORA"
+            f"{spec_name}: PEFT type {peft_type_name(peft_config)!r} is not supported; supported PEFT types: "
+            f"{', '.join(t.upper() for t in SUPPORTED_PEFT_TYPES)}"
         )
     return peft_config if inplace else copy.deepcopy(peft_config)
 
