@@ -11,7 +11,10 @@ so a command that needs no tensor math (consolidating a full-model checkpoint) s
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any
+
+from .utils.sharded_writer import register_sharded_writer
 
 __version__ = "0.1.0"
 
@@ -51,3 +54,13 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+def _checkpoint_writer() -> ModuleType:
+    from .checkpoint import save
+
+    return save
+
+
+# `save_pretrained` in models / peft writes through `checkpoint.save`, a layer above them: the root wires it in.
+register_sharded_writer(_checkpoint_writer)

@@ -418,7 +418,7 @@ def consolidate(
                     check_adapter_keys(names, directory, checkpoint.config_file, output_dir / target.subdir)
                 directories["model" if target.kind == "model" else target.part.adapter_name] = output_dir / target.subdir
         if verify:
-            from .verify import verify_targets
+            from .rederive import verify_targets
 
             verify_targets(targets, tmp, dtype=cast)
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, directories)

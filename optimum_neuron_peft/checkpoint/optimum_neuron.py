@@ -51,7 +51,7 @@ XSER_TENSORS_SUFFIX = ".tensors"
 _METADATA_RE = re.compile(r"mp_metadata_pp_rank_(\d+)\.(json|pt)")
 _RANK_FILE_RE = re.compile(r"dp_rank_(\d{2})_tp_rank_(\d{2})_pp_rank_(\d{2})\.pt")
 # Root files consolidation copies next to the weights, when present.
-_ROOT_FILES = (
+ROOT_FILES = (
     "generation_config.json",
     "tokenizer.json",
     "tokenizer_config.json",
@@ -140,7 +140,7 @@ def discover_checkpoint(path: str | os.PathLike) -> OptimumNeuronCheckpoint:
             f"found only: {shown}"
         )
     config = root / "config.json"
-    extra = tuple(root / name for name in _ROOT_FILES if (root / name).is_file())
+    extra = tuple(root / name for name in ROOT_FILES if (root / name).is_file())
     return OptimumNeuronCheckpoint(root, model, adapters, config if config.is_file() else None, extra)
 
 

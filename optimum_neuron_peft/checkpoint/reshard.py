@@ -35,7 +35,7 @@ from ..utils.schema import read_json
 from .schemas import ADAPTER_CONFIG_SCHEMA, MODEL_CONFIG_SCHEMA, read_index_files
 from .consolidate import original_weights
 from ..formats.lazy import LazyTensor, open_safetensors
-from .optimum_neuron import ADAPTER_CONFIG, _ROOT_FILES
+from .optimum_neuron import ADAPTER_CONFIG, ROOT_FILES
 from .sharded import (
     MANIFEST,
     common_dtype,
@@ -256,7 +256,7 @@ def reshard(
     if _is_transformers_dir(checkpoint_dir):
         stages, _ = _transformers_stages(checkpoint_dir, tp_size)
         parts.append((None, stages, None))
-        root_files = [checkpoint_dir / "config.json"] + [checkpoint_dir / n for n in _ROOT_FILES if (checkpoint_dir / n).is_file()]
+        root_files = [checkpoint_dir / "config.json"] + [checkpoint_dir / n for n in ROOT_FILES if (checkpoint_dir / n).is_file()]
     else:
         checkpoint = open_checkpoint(checkpoint_dir)
         for part in select_parts(checkpoint, None, source_format_of(checkpoint)):

@@ -29,7 +29,7 @@ from .optimum_neuron import (
     MODEL_SHARDS_DIR,
     RANK_FILES_DIR,
     ShardedPart,
-    _ROOT_FILES,
+    ROOT_FILES,
     load_metadata,
     metadata_file_name,
 )
@@ -251,7 +251,7 @@ def open_sharded_checkpoint(path: str | os.PathLike, *, check_checksums: bool = 
     if model is None and not adapters:
         raise CheckpointError(f"{root / MANIFEST}: lists neither model shards nor adapters")
     config = root / "config.json"
-    extra = tuple(root / name for name in _ROOT_FILES if (root / name).is_file())
+    extra = tuple(root / name for name in ROOT_FILES if (root / name).is_file())
     return ShardedCheckpoint(root, model, adapters, config if config.is_file() else None, extra, manifest)
 
 

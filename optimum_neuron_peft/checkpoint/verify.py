@@ -1,140 +1,18 @@
-"""Verification: re-derive every rank's shards from a consolidated directory and compare them with the input.
-
-For each group of the sharded checkpoint, the consolidated tensors are read back, sharded again through the
-group's specs (`adapt_state_dict`) for every tp rank, and compared bit for bit with the rank files. The first
-mismatch is reported by rank file and tensor name. With a ``dtype`` cast, the input is cast the same way first.
-optimum-neuron's shared ``lora_A`` / fused ``lora_B`` are compared in their saved form (the re-derived
-per-projection tensors are re-fused; the duplicated lora_A copies must agree).
+"""Verification: re-derive every rank's shards from a consolidated directory and compare them with the input
+(`rederive`), then check that every output loads in Transformers / PEFT (`loadability`).
 """
 
 from __future__ import annotations
 
 import os
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import CheckpointError
-from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
-from ..transformations.model import adapt_state_dict
-from ..utils.safe_paths import check_inside
-from ..formats.lazy import LazyTensor, open_safetensors
+from .consolidate import parse_dtype, plan_consolidation
 from .loadability import check_adapter_keys, check_model_keys
-from .schemas import read_index_files
-from .source import checked
-from ..formats.torch_zip import open_torch_state_dict
-
-
-@dataclass
-class VerifyResult:
-    tensors: int
-    bytes: int
-    seconds: float
-
-    def summary(self) -> str:
-        return f"verified {self.tensors} rank tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s: all bit-exact"
-
-
-def open_output(directory: Path, kind: str) -> dict[str, LazyTensor]:
-    """{name: LazyTensor} of a consolidated Transformers or PEFT directory (safetensors or pytorch)."""
-    names = {"model": ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"],
-             "adapter": ["adapter_model.safetensors", "adapter_model.bin"]}[kind]  # fmt: skip
-    for name in names:
-        path = directory / name
-        if not path.is_file():
-            continue
-        if name.endswith(".index.json"):
-            files = read_index_files(path)
-        else:
-            files = [name]
-        tensors: dict[str, LazyTensor] = {}
-        for file in files:
-            opener = open_safetensors if file.endswith(".safetensors") else open_torch_state_dict
-            tensors.update(opener(directory / file))
-        return tensors
-    raise CheckpointError(f"{directory}: expected consolidated {kind} weights ({' or '.join(names)}), found none")
-
-
-def _fused_orders(specs) -> dict[str, list[str]]:
-    """fused module suffix -> order of its projections' suffixes (``qkv_proj`` -> [q, k, v])."""
-    orders = {}
-    for spec in specs:
-        if isinstance(spec, GQAQKVColumnParallelLinearSpec):
-            orders[spec.gqa_qkv_projection_name] = ["q", "k", "v"]
-        elif isinstance(spec, FusedLinearsSpec):
-            orders[spec.fused_linear_name] = list(spec.linear_names)
-    return orders
-
-
-def _to_saved_layout(derived: dict[str, torch.Tensor], saved_names: list[str], module: str | None, orders: dict[str, list[str]]) -> dict[str, torch.Tensor]:
-    """Re-fuse per-projection LoRA tensors into optimum-neuron's shared/fused names when those are what was saved."""
-    out = dict(derived)
-    for name in saved_names:
-        if name in out or module is None:
-            continue
-        for fused, order in orders.items():
-            base = f"{module}.{fused}."
-            for lora, suffix in (("lora_A", "weight"), ("lora_B", "weight"), ("lora_B", "weight_qkv")):
-                if name != f"{base}{lora}.{suffix}":
-                    continue
-                pieces = [out.pop(f"{base}{lora}.weight_{p}") for p in order if f"{base}{lora}.weight_{p}" in out]
-                if not pieces:
-                    continue
-                if lora == "lora_A":
-                    if any(not torch.equal(p, pieces[0]) for p in pieces[1:]):
-                        pieces = [torch.full_like(pieces[0], float("nan"))]  # cannot come from one shared lora_A
-                    out[name] = pieces[0]
-                else:
-                    out[name] = torch.cat(pieces, dim=0)
-    return out
-
-
-def _first_difference(a: torch.Tensor, b: torch.Tensor) -> str:
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return f"shape/dtype {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}"
-    diff = (a.contiguous().view(-1).view(torch.uint8) != b.contiguous().view(-1).view(torch.uint8)).nonzero()
-    if not len(diff):
-        return ""
-    return f"first differing byte at offset {int(diff[0])} of {a.nbytes}"
-
-
-def verify_targets(targets, output_root: str | os.PathLike, dtype: torch.dtype | None = None) -> VerifyResult:
-    start = time.perf_counter()
-    count = nbytes = 0
-    for target in targets:
-        directory = check_inside(output_root, Path(output_root) / target.subdir)
-        opened = open_output(directory, target.kind)  # extra tensors: `check_loadable`
-        for plan in target.groups:
-            stage, group = plan.stage, plan.group
-            originals = {}
-            for name, tensor_plan in plan.outputs:
-                if tensor_plan.name not in opened:
-                    raise CheckpointError(f"{directory}: consolidated output lacks tensor '{tensor_plan.name}'")
-                originals[name] = opened[tensor_plan.name].load()
-            module = group.specs[0].module_fully_qualified_name if group.specs else None
-            orders = _fused_orders(group.specs[0]) if group.specs else {}
-            for tp_rank, path in enumerate(stage.rank_files):
-                derived = checked(
-                    lambda: adapt_state_dict(group.specs, originals, tp_rank, stage.parameters), stage, "re-sharding"
-                )
-                derived = _to_saved_layout(derived, group.names, module, orders)
-                for name in group.names:
-                    actual = stage.tensors[tp_rank][name].load()
-                    if dtype is not None and actual.is_floating_point():
-                        actual = actual.to(dtype)
-                    expected = derived.get(name)
-                    if expected is None:
-                        raise CheckpointError(f"{path}: tensor '{name}' cannot be re-derived from {directory}")
-                    problem = _first_difference(actual, expected)
-                    if problem:
-                        raise CheckpointError(
-                            f"{path}: tensor '{name}' differs from the one re-derived from {directory} ({problem})"
-                        )
-                    count += 1
-                    nbytes += actual.nbytes
-    return VerifyResult(count, nbytes, time.perf_counter() - start)
+from .rederive import VerifyResult, open_output, verify_targets
 
 
 def verify(
@@ -147,8 +25,6 @@ def verify(
 ) -> VerifyResult:
     """Check that ``consolidated_dir`` (as written by `consolidate` with the same ``adapter``/``dtype``) re-shards
     to exactly the rank files of ``checkpoint_dir``. Raises `CheckpointError` naming the first mismatch."""
-    from .consolidate import parse_dtype, plan_consolidation
-
     cast = parse_dtype(dtype)
     checkpoint, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)
     result = verify_targets(targets, consolidated_dir, dtype=cast)

@@ -28,6 +28,7 @@ from ..parallel import (
     parallel_cross_entropy,
 )
 from ..transformations import create_parameter_metadata, specialize_transformation_specs_for_model
+from ..utils.sharded_writer import sharded_writer
 from ..transformations.metadata import model_transformation_specs
 from .config import ArchitectureConfig
 from .modules import DecoderLayer, RMSNorm, RotaryEmbedding, attention_masks, effective_window
@@ -240,16 +241,15 @@ class ParallelForCausalLM(nn.Module):
         it (other replicas return without writing). ``kwargs`` go to the checkpoint writer (``overwrite``,
         ``extra_files``).
         """
-        from ..checkpoint.save import save_sharded_checkpoint, save_sharded_checkpoint_distributed
-
+        writer = sharded_writer()
         metadata = self.parameters_metadata()
         config = self.config.to_dict()
         if not self.tp.is_parallel:
-            return save_sharded_checkpoint(save_directory, {(0, 0): self.sharded_state_dict()}, {0: metadata},
+            return writer.save_sharded_checkpoint(save_directory, {(0, 0): self.sharded_state_dict()}, {0: metadata},
                                            config=config, **kwargs)  # fmt: skip
         if get_data_parallel_rank() != 0:
             return Path(save_directory)
-        return save_sharded_checkpoint_distributed(
+        return writer.save_sharded_checkpoint_distributed(
             save_directory, self.sharded_state_dict(), metadata, tp_rank=self.tp.rank, tp_size=self.tp.size,
             group=self.tp.group, config=config, **kwargs,
         )  # fmt: skip

@@ -13,7 +13,7 @@ from .attributes import (
     reduce_gradient_in_backward,
     set_tensor_model_parallel_attributes,
 )
-from .gqa import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient
+from .gqa import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient, reduce_replica_gradient_in_backward
 from .launch import WorkerError, init_distributed_from_env, spawn
 from .layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear
 from .loss import parallel_cross_entropy
@@ -72,6 +72,7 @@ __all__ = [
     "reduce_from_tensor_parallel_region",
     "reduce_gradient_in_backward",
     "reduce_kv_replica_gradient",
+    "reduce_replica_gradient_in_backward",
     "reduce_scatter_to_sequence_parallel_region",
     "scatter_to_sequence_parallel_region",
     "scatter_to_tensor_parallel_region",

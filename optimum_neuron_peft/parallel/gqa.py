@@ -10,8 +10,8 @@ must stay equal to ONE logical weight. So, for K/V weights and biases, the gradi
 sum over all slots (on all ranks) that hold the same original head; that sum is exactly the gradient of the
 unreplicated weight, and the replicas receive bit-identical updates under any optimizer.
 
-How it is hooked: forward passes each K/V parameter through `_ReduceReplicaGrad`, an identity whose backward does
-that reduction. It acts on each incoming gradient before it is accumulated into ``.grad`` (what
+How it is hooked: forward passes each K/V parameter through `reduce_replica_gradient_in_backward`, an identity
+whose backward does that reduction. It acts on each incoming gradient before it is accumulated into ``.grad`` (what
 ``Tensor.register_hook`` on the parameter would do), so it runs once per backward and, being linear, stays exact
 under gradient accumulation - a post-accumulate hook would re-reduce the already-reduced running sum. Unlike a
 hook stored on the Parameter object it also survives parameter replacement (``load_state_dict(assign=True)``,
@@ -74,6 +74,11 @@ class _ReduceReplicaGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         return ctx.reduce(grad), None
+
+
+def reduce_replica_gradient_in_backward(param: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``param`` unchanged in forward; in backward its gradient goes through ``reduce`` (the K/V replica sum)."""
+    return _ReduceReplicaGrad.apply(param, reduce)
 
 
 class GQAQKVColumnParallelLinear(nn.Module):
@@ -173,7 +178,7 @@ class GQAQKVColumnParallelLinear(nn.Module):
         reduce = self._kv_reducer()
         if fused:
             reduce = partial(_reduce_fused_kv_rows, q_rows=self.q_size, reduce=reduce)
-        return _ReduceReplicaGrad.apply(param, reduce)
+        return reduce_replica_gradient_in_backward(param, reduce)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.project(self.parallel_input(x))

@@ -18,8 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..parallel import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient
-from ..parallel.gqa import _ReduceReplicaGrad
+from ..parallel import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient, reduce_replica_gradient_in_backward
 from .fused import FUSED_LAYOUT_ATTRIBUTE, FusedProjections, MultiProjectionLora
 
 QKV = ("q", "k", "v")
@@ -65,7 +64,7 @@ class LoraGQAQKVColumnParallelLinear(MultiProjectionLora):
             reduce_kv_replica_gradient, head_indices=base._kv_index, num_key_value_heads=base.num_key_value_heads,
             head_dim=base.head_dim, tp=self.tp,
         )  # fmt: skip
-        return _ReduceReplicaGrad.apply(b, reduce)
+        return reduce_replica_gradient_in_backward(b, reduce)
 
     def _shares_collectives(self) -> bool:
         return True

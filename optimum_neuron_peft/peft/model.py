@@ -33,6 +33,7 @@ from ..transformations import (
 from ..transformations.metadata import model_transformation_specs, parameter_metadata
 from ..transformations.model import normalize_parameters_metadata
 from ..transformations.names import PEFT_WRAPPER_PREFIX, get_adapter_name, remove_adapter_name, remove_base_layer
+from ..utils.sharded_writer import sharded_writer
 from .config import adapt_peft_config_for_model, configs_of, to_original_peft_config_for_model, unwrap_model
 from .layers import ParallelLoraLayer
 
@@ -239,8 +240,6 @@ class _ParallelPeftMixin:
                 self._save_sharded(directory, adapter)
 
     def _save_sharded(self, directory: Path, adapter: str) -> None:
-        from ..checkpoint.save import AdapterShards, save_sharded_checkpoint, save_sharded_checkpoint_distributed
-
         from ..parallel import get_data_parallel_rank
 
         tp = model_tp(self)
@@ -249,14 +248,15 @@ class _ParallelPeftMixin:
         local = {k: v.contiguous() for k, v in local_adapter_state_dict(self, adapter).items()}
         metadata = adapter_metadata(self, adapter)
         config = self.original_peft_config(adapter).to_dict()
+        writer = sharded_writer()
         if tp.is_parallel or (dist.is_available() and dist.is_initialized()):
-            save_sharded_checkpoint_distributed(
+            writer.save_sharded_checkpoint_distributed(
                 directory, local, metadata, tp_rank=tp.rank, tp_size=tp.size, group=tp.group, adapter_name=adapter,
                 adapter_config=_jsonable(config),
             )  # fmt: skip
         else:
-            save_sharded_checkpoint(
-                directory, None, None, adapters={adapter: AdapterShards({(0, 0): local}, {0: metadata}, _jsonable(config))}
+            writer.save_sharded_checkpoint(
+                directory, None, None, adapters={adapter: writer.AdapterShards({(0, 0): local}, {0: metadata}, _jsonable(config))}
             )
 
     def consolidated_adapter_state_dict(self, adapter: str = "default") -> dict[str, torch.Tensor]:
