@@ -34,7 +34,6 @@ from pathlib import Path
 import torch
 
 from optimum_neuron_peft.checkpoint.optimum_neuron import metadata_file_name, rank_file_name
-from optimum_neuron_peft.checkpoint.optimum_neuron_writer import write_metadata
 from optimum_neuron_peft.checkpoint.sharded import (
     common_dtype,
     metadata_path,
@@ -44,6 +43,9 @@ from optimum_neuron_peft.checkpoint.sharded import (
     write_rank_file,
 )
 from optimum_neuron_peft.checkpoint.synthetic import llama_layout
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "checkpoint"))  # the test fixtures' writer
+from optimum_neuron_writer import write_metadata  # noqa: E402
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
 

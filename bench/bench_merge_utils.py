@@ -40,7 +40,9 @@ def child(impl: str, function: str, shape: tuple[int, int], dtype_name: str, n: 
     weights = torch.tensor([0.4, 0.3, 0.2, 0.1][:n] + [0.1] * max(0, n - 4))
     fn = getattr(mu, function)
     if impl == "ours" and function.startswith("dare"):
-        mu._fast_path_available(dtype)  # one-off self-check of the fast Bernoulli path, outside the timing
+        from optimum_neuron_peft.merging import kernels
+
+        kernels._fast_path_available(dtype)  # one-off self-check of the fast Bernoulli path, outside the timing
     baseline = _rss_bytes()
     torch.manual_seed(1)
     start = time.perf_counter()

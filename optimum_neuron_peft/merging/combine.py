@@ -25,11 +25,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from .. import merge_utils as mu
 from ..errors import MergeError
 from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from .adapter_io import Adapter, load_adapter, natural_key, save_adapter
+from . import kernels as mu
 from .device import resolve_device
 from .svd import dense_svd, lowrank_svd
 

@@ -26,9 +26,8 @@ from __future__ import annotations
 import copy
 import re
 import warnings
-from typing import Any, Iterable
+from typing import Any
 
-from peft import LoraConfig
 from peft.tuners.tuners_utils import _ExcludedModule, check_target_module_exists
 import torch
 from torch import nn
@@ -325,7 +324,3 @@ def lora_layer_mapping() -> dict[type, Any]:
         RowParallelLinear: LoraRowParallelLinear,
         ParallelEmbedding: LoraParallelEmbedding,
     }
-
-
-def configs_of(peft_config: Any) -> Iterable[Any]:
-    return peft_config.values() if isinstance(peft_config, dict) else [peft_config]

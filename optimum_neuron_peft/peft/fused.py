@@ -15,7 +15,6 @@ Which projections a base layer fuses is recorded on it by `annotate_fused_layers
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 

@@ -30,11 +30,10 @@ from ..transformations import (
     specialize_transformation_specs_for_model,
     to_original_weights,
 )
-from ..transformations.metadata import model_transformation_specs, parameter_metadata
-from ..transformations.model import normalize_parameters_metadata
+from ..transformations.metadata import parameter_metadata
 from ..transformations.names import PEFT_WRAPPER_PREFIX, get_adapter_name, remove_adapter_name, remove_base_layer
 from ..utils.sharded_writer import sharded_writer
-from .config import adapt_peft_config_for_model, configs_of, to_original_peft_config_for_model, unwrap_model
+from .config import adapt_peft_config_for_model, to_original_peft_config_for_model, unwrap_model
 from .layers import ParallelLoraLayer
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from optimum_neuron_peft.checkpoint.consolidation import SLEEP_ENV
-from optimum_neuron_peft.checkpoint.optimum_neuron_writer import write_optimum_neuron_checkpoint
+from optimum_neuron_writer import write_optimum_neuron_checkpoint
 from optimum_neuron_peft.checkpoint.save import AdapterShards, save_sharded_checkpoint
 from optimum_neuron_peft.checkpoint.synthetic import (
     LORA_TARGETS,

@@ -22,7 +22,7 @@ from optimum_neuron_peft.checkpoint.optimum_neuron import (
     normalize_parameters_metadata,
     open_rank_file,
 )
-from optimum_neuron_peft.checkpoint.optimum_neuron_writer import write_optimum_neuron_checkpoint
+from optimum_neuron_writer import write_optimum_neuron_checkpoint
 from optimum_neuron_peft.errors import CheckpointError, UnsafePickleError
 
 TP = 2

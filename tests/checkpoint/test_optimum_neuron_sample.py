@@ -14,7 +14,7 @@ import transformers
 from safetensors.torch import load_file
 
 from consolidation_helpers import assert_bit_equal, write_optimum_neuron_adapters
-from optimum_neuron_peft.checkpoint import consolidate, reshard, verify
+from optimum_neuron_peft.checkpoint import consolidate, reshard
 from optimum_neuron_peft.formats.torch_zip import open_torch_state_dict
 
 SAMPLE = Path(__file__).resolve().parents[1] / "fixtures" / "optimum_neuron_adapter_sample"

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from optimum_neuron_peft.checkpoint.consolidate import consolidate
 from optimum_neuron_peft.checkpoint.reshard import reshard

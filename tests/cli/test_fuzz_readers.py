@@ -10,6 +10,7 @@ import os
 import shutil
 import math
 import struct
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,7 +21,6 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from optimum_neuron_peft.checkpoint.optimum_neuron import load_metadata, normalize_parameters_metadata, open_rank_file
-from optimum_neuron_peft.checkpoint.optimum_neuron_writer import write_xser_rank_file
 from optimum_neuron_peft.checkpoint.schemas import read_index_files
 from optimum_neuron_peft.checkpoint.sharded import read_manifest
 from optimum_neuron_peft.formats.stored import read_safetensors_header
@@ -28,6 +28,9 @@ from optimum_neuron_peft.formats.torch_zip import open_torch_dict
 from optimum_neuron_peft.errors import OptimumNeuronPeftError
 from optimum_neuron_peft.merging.adapter_io import load_adapter
 from optimum_neuron_peft.transformations.metadata import parse_metadata
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))  # the test fixtures' writer
+from optimum_neuron_writer import write_xser_rank_file  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "120")), deadline=None, suppress_health_check=list(HealthCheck), database=None)

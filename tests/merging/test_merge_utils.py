@@ -8,6 +8,7 @@ from peft.utils import merge_utils as ref
 
 from optimum_neuron_peft import merge_utils as ours
 from optimum_neuron_peft.errors import MergeError
+from optimum_neuron_peft.merging import kernels
 
 EXACT = dict(rtol=0, atol=0)
 
@@ -48,7 +49,7 @@ def test_magnitude_half_ties_same_count_and_rest(dtype):
     threshold = x.abs().reshape(-1).topk(int(0.3 * x.numel())).values[-1]
     differ = got != want
     if dtype == torch.bfloat16:  # ties at the threshold at this size: the tie path is exercised
-        assert ours._MagnitudeRule(x.reshape(-1), int(0.3 * x.numel())).mode == "cutoff"
+        assert kernels._MagnitudeRule(x.reshape(-1), int(0.3 * x.numel())).mode == "cutoff"
     assert bool((x.abs()[differ] == threshold).all())
 
 
@@ -186,7 +187,7 @@ def test_property_half_magnitude_kept_count(numel, density, dtype, seed):
     # Integers in a small range: many exact ties at the threshold.
     x = (torch.randint(-20, 21, (numel,), generator=torch.Generator().manual_seed(seed)) / 4).to(dtype)
     got, want = ours.magnitude_based_pruning(x, density), ref.magnitude_based_pruning(x, density)
-    kept = ours._MagnitudeRule(x, int(density * numel))
+    kept = kernels._MagnitudeRule(x, int(density * numel))
     n_kept = sum(int(kept.keep(x[s:s + 500], s).sum()) for s in range(0, numel, 500))
     assert n_kept == int(density * numel)
     torch.testing.assert_close(got.abs().sort().values, want.abs().sort().values, **EXACT)
@@ -207,7 +208,13 @@ def test_dare_masks_drawn_in_parallel_spans_are_peft_masks(monkeypatch, name):
 
 
 def test_draw_spans_cover_the_stream_once():
-    for numel in (0, 5, ours._MIN_DRAWS_PER_THREAD * 3 + 7):
-        spans = ours._draw_spans(numel)
+    for numel in (0, 5, kernels._MIN_DRAWS_PER_THREAD * 3 + 7):
+        spans = kernels._draw_spans(numel)
         assert spans[0][0] == 0 and spans[-1][1] == numel
         assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+
+
+def test_public_name_is_the_kernels_module():
+    # `optimum_neuron_peft.merge_utils` stays the public name of `merging.kernels`
+    assert set(ours.__all__) == set(kernels.__all__)
+    assert all(getattr(ours, name) is getattr(kernels, name) for name in kernels.__all__)

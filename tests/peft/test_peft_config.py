@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import peft
 import pytest
-import torch
 import transformers
 from peft import LoraConfig, PromptTuningConfig
 

@@ -23,9 +23,9 @@ from typing import Any, Iterable, Literal, Mapping
 
 import torch
 
-from ..errors import CheckpointError
-from ..transformations.names import PEFT_WRAPPER_PREFIX
-from .optimum_neuron import (
+from optimum_neuron_peft.errors import CheckpointError
+from optimum_neuron_peft.transformations.names import PEFT_WRAPPER_PREFIX
+from optimum_neuron_peft.checkpoint.optimum_neuron import (
     ADAPTER_CONFIG,
     ADAPTER_PREFIX,
     ADAPTER_SHARDS_DIR,
