@@ -22,8 +22,8 @@ def _tasks(n, shape, dtype=torch.float32, seed=0):
 def small_chunks(monkeypatch):
     # Several chunks even on small tensors, so the chunked replay is what gets tested; 960 is a multiple of 64 (the
     # row-by-row sums) that is not a power of two, and most tensors end in a shorter chunk.
-    monkeypatch.setattr(ours, "_CHUNK_ELEMENTS", 1 << 16)
-    monkeypatch.setattr(ours, "_chunks", lambda numel, n=1: [(s, min(s + 960, numel)) for s in range(0, numel, 960)]
+    monkeypatch.setattr(kernels, "_CHUNK_ELEMENTS", 1 << 16)
+    monkeypatch.setattr(kernels, "_chunks", lambda numel, n=1: [(s, min(s + 960, numel)) for s in range(0, numel, 960)]
                         or [(0, 0)])
 
 
@@ -196,7 +196,7 @@ def test_property_half_magnitude_kept_count(numel, density, dtype, seed):
 @pytest.mark.parametrize("name", ["dare_linear", "dare_ties"])
 def test_dare_masks_drawn_in_parallel_spans_are_peft_masks(monkeypatch, name):
     # Uneven spans, each past the first drawn from a jumped-ahead state by its own thread.
-    monkeypatch.setattr(ours, "_draw_spans", lambda numel: [(0, numel // 5), (numel // 5, numel // 2), (numel // 2, numel)])
+    monkeypatch.setattr(kernels, "_draw_spans", lambda numel: [(0, numel // 5), (numel // 5, numel // 2), (numel // 2, numel)])
     xs = _tasks(3, (97, 61), torch.bfloat16, seed=8)
     w = torch.tensor([0.5, -0.2, 0.7])
     torch.manual_seed(123)
