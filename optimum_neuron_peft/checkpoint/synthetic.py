@@ -28,7 +28,7 @@ from ..transformations import ModelWeightTransformationSpecs, adapt_state_dict
 from ..transformations.names import add_adapter_name, split_lora_name
 from ..transformations.parallel_plan import (
     FUSED_GROUPS,
-    LORA_TARGETS,
+    LORA_TARGETS as LORA_TARGETS,
     TIED_LM_HEAD,
     dims_of,
     lora_entries,

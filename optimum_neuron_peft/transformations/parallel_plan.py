@@ -13,8 +13,9 @@ Torch-free: the torch-free consolidation path may import it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -125,7 +126,7 @@ class Dims:
     layers: int
     V: int
     D: int
-    I: int  # noqa: E741
+    I: int
     heads: int
     kv_heads: int
     hd: int
