@@ -1,13 +1,15 @@
-"""Tensor-parallel layout of a Llama-family model: specs + parameters metadata, and sharding of its weights.
+"""Tensor-parallel layout of a Llama-family model (Llama, Mistral, Qwen3, Granite): specs + parameters metadata,
+and sharding of its weights.
 
-This is the layout the custom Llama of `optimum_neuron_peft.models` (and optimum-neuron) trains with:
+`plan_layout` reads everything from the parallel plan (`transformations.parallel_plan`): the layout the models of
+`optimum_neuron_peft.models` (and optimum-neuron) train with, in short:
 
     model.embed_tokens.weight                      vocab-parallel, dim 0
     model.layers.<i>.self_attn.qkv_proj.weight_q/k/v  GQAQKVColumnParallelLinearSpec (weight_qkv with fuse_qkv)
     model.layers.<i>.self_attn.o_proj.weight       row parallel, dim 1 (columns permuted by the GQA spec)
     model.layers.<i>.mlp.gate_up_proj.weight       FusedLinearsSpec, column parallel, dim 0 stride 2
     model.layers.<i>.mlp.down_proj.weight          row parallel, dim 1
-    norms                                          replicated
+    norms (Qwen3's q_norm / k_norm too)            replicated
     lm_head.weight                                 column parallel, dim 0 (absent with tie_word_embeddings:
                                                    the model shares embed_tokens.weight, saved once)
 
@@ -159,7 +161,8 @@ def plan_layout(
     for i in range(dims.layers):
         for fused, group in FUSED_GROUPS.items():  # self_attn then mlp, as the model declares them
             spec = copy.deepcopy(group_specs[fused])
-            specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=f"model.layers.{i}.{group.parent}", specs=[spec]))
+            module = f"model.layers.{i}.{group.parent}"
+            specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=module, specs=[spec]))
     params = parameter_entries(config, tp_size, fuse_qkv=fuse_qkv, mha_fused_qkv=mha_fused_qkv)
     try:
         lora = lora_entries(config, tp_size, lora_target_modules or (), mha_fused_qkv=mha_fused_qkv)

@@ -106,14 +106,18 @@ class ParallelPlan:
             sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
         )  # fmt: skip
 
-    def qkv_projection(self, config: ArchitectureConfig) -> tuple[GQAQKVColumnParallelLinear, GQAQKVColumnParallelLinearSpec]:
+    def qkv_projection(
+        self, config: ArchitectureConfig
+    ) -> tuple[GQAQKVColumnParallelLinear, GQAQKVColumnParallelLinearSpec]:
         m = self.resolved_kv_size_multiplier(config)
         layer = GQAQKVColumnParallelLinear(
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
             kv_size_multiplier=m, bias=config.attention_bias, fuse_qkv=self.fuse_qkv, kv_layout=self.kv_layout,
             sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
         )  # fmt: skip
-        spec = build_spec("qkv_proj", config, self.tp.size, kv_size_multiplier=m, fuse_qkv=self.fuse_qkv, kv_layout=self.kv_layout)
+        spec = build_spec(
+            "qkv_proj", config, self.tp.size, kv_size_multiplier=m, fuse_qkv=self.fuse_qkv, kv_layout=self.kv_layout
+        )
         return layer, spec
 
     def output_projection(self, config: ArchitectureConfig) -> RowParallelLinear:
@@ -137,7 +141,8 @@ class ParallelPlan:
         gathering its output, or row-parallel taking the sharded input; bias when the config gives it one."""
         plan, dims = MODULE_PLAN[module], dims_of(config)
         out_features, in_features = dims.shape(plan.shape)
-        common = {"bias": dims.has_bias(plan), "sequence_parallel_enabled": self.sequence_parallel, **self._factory, **self._init()}
+        common = {"bias": dims.has_bias(plan), "sequence_parallel_enabled": self.sequence_parallel,
+                  **self._factory, **self._init()}  # fmt: skip
         if plan.parallel == ROW:
             return RowParallelLinear(in_features, out_features, input_is_parallel=True, **common)
         if plan.parallel != COLUMN:

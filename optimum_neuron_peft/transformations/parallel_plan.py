@@ -23,14 +23,20 @@ COLUMN, ROW, VOCAB, REPLICATED = "column", "row", "vocab", "replicated"
 
 # The LoRA rule: which of lora_A (r, in) / lora_B (out, r) is sharded, on which dim, for a base layer of each kind;
 # the other one is replicated. Column-parallel (output rows sharded): lora_B rows like the base rows. Row-parallel
-# (input columns sharded): lora_A columns like the base columns.
-LORA_PARTITION_DIM: dict[str, tuple[str, int]] = {COLUMN: ("lora_B", 0), ROW: ("lora_A", 1)}
+# (input columns sharded): lora_A columns like the base columns. Vocab-parallel embedding (vocab rows sharded):
+# lora_embedding_A (r, vocab) columns like the vocab rows.
+LORA_PARTITION_DIM: dict[str, tuple[str, int]] = {COLUMN: ("lora_B", 0), ROW: ("lora_A", 1), VOCAB: ("lora_A", 1)}
 
 
 def lora_partition_dim(parallel: str, lora: str) -> int | None:
     """The dim ``lora`` ("lora_A" / "lora_B") of a LoRA on a ``parallel`` base layer is sharded on, None: replicated."""
     sharded, dim = LORA_PARTITION_DIM[parallel]
     return dim if lora == sharded else None
+
+
+def lora_partition_dims(parallel: str) -> tuple[int | None, int | None]:
+    """(lora_A's, lora_B's) sharded dim on a ``parallel`` base layer; None: replicated."""
+    return lora_partition_dim(parallel, "lora_A"), lora_partition_dim(parallel, "lora_B")
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,8 @@ FUSED_GROUPS: dict[str, FusedGroup] = {
     "qkv_proj": FusedGroup("self_attn", ("q_proj", "k_proj", "v_proj"), gqa=True, output="o_proj"),
     "gate_up_proj": FusedGroup("mlp", ("gate_proj", "up_proj"), gqa=False),
 }
-LORA_TARGETS = tuple(name.rpartition(".")[2] for name, m in MODULE_PLAN.items() if LAYER in name and m.parallel in (COLUMN, ROW))
+# The linears a LoRA can target (PEFT's ``target_modules`` names).
+LORA_TARGETS = tuple(n.rpartition(".")[2] for n, m in MODULE_PLAN.items() if LAYER in n and m.parallel in (COLUMN, ROW))
 
 
 @dataclass(frozen=True)
@@ -205,7 +212,9 @@ def _entry(plan: ModulePlan, param: str, tp_size: int, stride: int = 1) -> dict[
     return sharded(1 if plan.parallel == ROW else 0, tp_size, stride)
 
 
-def parameter_entries(config: Any, tp_size: int, *, fuse_qkv: bool = False, mha_fused_qkv: bool = False) -> dict[str, dict[str, Any]]:
+def parameter_entries(
+    config: Any, tp_size: int, *, fuse_qkv: bool = False, mha_fused_qkv: bool = False
+) -> dict[str, dict[str, Any]]:
     """Tensor-parallel attributes of every parameter of the training model (fused names, no LoRA), in metadata order.
 
     A GQA group is ``<fused>.weight_q/k/v`` (``weight_qkv`` with ``fuse_qkv``), each sharded on dim 0; a plain
@@ -233,7 +242,9 @@ def parameter_entries(config: Any, tp_size: int, *, fuse_qkv: bool = False, mha_
     return out
 
 
-def lora_entries(config: Any, tp_size: int, targets: Iterable[str], *, mha_fused_qkv: bool = False) -> dict[str, dict[str, Any]]:
+def lora_entries(
+    config: Any, tp_size: int, targets: Iterable[str], *, mha_fused_qkv: bool = False
+) -> dict[str, dict[str, Any]]:
     """Tensor-parallel attributes of the LoRA parameters (saved names, no adapter name) of ``targets``.
 
     LoRA of a fused linear is per projection: ``<fused>.lora_A.weight_<linear>`` (a GQA group names them by
@@ -256,8 +267,8 @@ def lora_entries(config: Any, tp_size: int, targets: Iterable[str], *, mha_fused
         else:
             gqa = FUSED_GROUPS[plan.fused].gqa and not mha_fused_qkv
             suffix = linear[0] if gqa else linear  # the GQA spec names LoRA by q/k/v, FusedLinearsSpec by linear
-            module = name.rpartition(".")[0]
-            names, part = {lora: f"{module}.{plan.fused}.{lora}.weight_{suffix}" for lora in ("lora_A", "lora_B")}, fused_part
+            fused = f"{name.rpartition('.')[0]}.{plan.fused}"
+            names, part = {lora: f"{fused}.{lora}.weight_{suffix}" for lora in ("lora_A", "lora_B")}, fused_part
         for lora, lora_name in names.items():
             dim = lora_partition_dim(plan.parallel, lora)
             part[lora_name] = replicated() if dim is None else sharded(dim, tp_size)

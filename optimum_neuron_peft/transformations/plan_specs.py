@@ -1,7 +1,7 @@
 """The weight transformation specs of the parallel plan's fused groups (`parallel_plan.FUSED_GROUPS`).
 
-One builder for the model (`models.plan.ParallelPlan`), the checkpoint layout (`checkpoint.synthetic.plan_layout`) and `reshard`,
-so that the three always agree on a group's spec.
+One builder for the model (`models.plan.ParallelPlan`), the checkpoint layout (`checkpoint.synthetic.plan_layout`)
+and `reshard`, so that the three always agree on a group's spec.
 """
 
 from __future__ import annotations
