@@ -160,7 +160,8 @@ class Dims:
         return plan.bias is not None and getattr(self, plan.bias)
 
 
-def dims_of(config: Any) -> Dims:
+def dims_of(config: Any, family: Family | None = None) -> Dims:
+    """The `Dims` of ``config``; ``family`` None: the one of its model_type (an unsupported one is an error)."""
     heads = _get(config, "num_attention_heads")
     hidden = _get(config, "hidden_size")
     return Dims(
@@ -168,7 +169,7 @@ def dims_of(config: Any) -> Dims:
         D=hidden, I=_get(config, "intermediate_size"), heads=heads,
         kv_heads=_get(config, "num_key_value_heads") or heads, hd=_get(config, "head_dim") or hidden // heads,
         attention_bias=bool(_get(config, "attention_bias", False)), mlp_bias=bool(_get(config, "mlp_bias", False)),
-        tied=bool(_get(config, "tie_word_embeddings", False)), family=family_of(config),
+        tied=bool(_get(config, "tie_word_embeddings", False)), family=family or family_of(config),
     )  # fmt: skip
 
 
@@ -196,6 +197,23 @@ def original_shapes(config: Any) -> dict[str, tuple[int, ...]]:
         if dims.has_bias(plan):
             shapes[f"{name}.bias"] = dims.shape(plan.shape[:1])
     return shapes
+
+
+def linear_shapes(config: Any) -> dict[str, tuple[int, int]] | None:
+    """(out, in) of each linear of a decoder layer, by its name (``q_proj``...), for any model_type; None when the
+    config lacks a size."""
+    try:
+        dims = dims_of(config, Family())
+        shapes = {
+            name.rpartition(".")[2]: dims.shape(plan.shape)
+            for name, plan in MODULE_PLAN.items()
+            if name.rpartition(".")[2] in LORA_TARGETS
+        }
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+    if any(size is None for shape in shapes.values() for size in shape):
+        return None
+    return shapes  # type: ignore[return-value]
 
 
 def sharded(dim: int, tp_size: int, stride: int = 1) -> dict[str, Any]:
