@@ -3,8 +3,8 @@
 Metadata can describe weights of other sizes than the config (``original_dims`` of a fused MLP, head counts of a
 GQA spec): the rank files then agree with the metadata, and without this check a model directory whose
 ``config.json`` cannot load its own weights would be published. The expected shapes are those of the Llama family
-(Llama, Mistral, Qwen3, Granite: the architectures we shard), for the tensor names they use; other names are not
-checked. Torch-free.
+(Llama, Mistral, Qwen3, Granite: the architectures we shard; from the parallel plan), for the tensor names they use;
+other names are not checked. Torch-free.
 """
 
 from __future__ import annotations
@@ -15,26 +15,11 @@ from typing import Iterable
 
 from ..errors import CheckpointError
 from ..transformations.names import PEFT_WRAPPER_PREFIX
+from ..transformations.parallel_plan import linear_shapes
 from ..utils.schema import read_json
 from .schemas import MODEL_CONFIG_SCHEMA
 
 _LAYER = re.compile(r"(?:.*\.)?layers\.\d+\.(self_attn|mlp)\.(\w+_proj)")
-
-
-def _linear_shapes(config: dict) -> dict[str, tuple[int, int]] | None:
-    """(out, in) of each projection of a decoder layer, or None when the config lacks the sizes."""
-    try:
-        hidden, heads = config["hidden_size"], config["num_attention_heads"]
-        kv = config.get("num_key_value_heads") or heads
-        head_dim = config.get("head_dim") or hidden // heads
-        intermediate = config["intermediate_size"]
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
-    return {
-        "q_proj": (heads * head_dim, hidden), "k_proj": (kv * head_dim, hidden), "v_proj": (kv * head_dim, hidden),
-        "o_proj": (hidden, heads * head_dim), "gate_proj": (intermediate, hidden), "up_proj": (intermediate, hidden),
-        "down_proj": (hidden, intermediate),
-    }  # fmt: skip
 
 
 def check_config_shapes(config_file: str | os.PathLike | None, tensors: Iterable[tuple[str, tuple[int, ...]]]) -> None:
@@ -43,7 +28,7 @@ def check_config_shapes(config_file: str | os.PathLike | None, tensors: Iterable
     if config_file is None:
         return
     config = read_json(config_file, MODEL_CONFIG_SCHEMA, error=CheckpointError)
-    linears = _linear_shapes(config)
+    linears = linear_shapes(config)
     if linears is None:
         return
     for name, shape in tensors:

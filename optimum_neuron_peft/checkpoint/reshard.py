@@ -1,5 +1,6 @@
-"""Resharding: a sharded checkpoint (ours or optimum-neuron's) or a Transformers Llama directory -> our sharded
-format at another tensor-parallel size, streaming one group at a time.
+"""Resharding: a sharded checkpoint (ours or optimum-neuron's) or a Transformers directory (Llama, Mistral, Qwen3,
+Granite; laid out by the parallel plan) -> our sharded format at another tensor-parallel size, streaming one group
+at a time.
 
 Each group is rebuilt into its original weights (exactly as consolidation does) and immediately re-sharded through
 the same specs re-targeted at the new tp size; every new rank file is planned up front (shapes from zero-memory stand-in tensors)
@@ -28,6 +29,7 @@ from ..transformations import (
 )
 from ..transformations.model import adapt_state_dict, normalize_parameters_metadata
 from ..transformations.names import add_adapter_name, remove_adapter_name, split_lora_name
+from ..transformations.parallel_plan import COLUMN, FAMILIES, lora_partition_dim, replicated, sharded
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
@@ -48,7 +50,7 @@ from .sharded import (
 )
 from .source import Part, checked, dry_tensor, open_checkpoint, select_parts, source_format_of
 from .stream_writer import FileRecord, SafetensorsStreamWriter, TensorPlan
-from .synthetic import llama_layout
+from .synthetic import plan_layout
 
 
 @dataclass
@@ -109,10 +111,10 @@ class OutputStage:
 
 
 def _entry_for_new_name(name: str, tp_size: int) -> dict[str, Any]:
+    """Metadata of a name only the new specs produce: a per-projection LoRA of a fused column-parallel module."""
     split = split_lora_name(name)
-    if split is not None and split[1] == "lora_A":
-        return {"tensor_model_parallel": False}  # lora_A of a fused column-parallel module is replicated
-    return {"tensor_model_parallel": True, "partition_dim": 0, "partition_stride": 1, "num_partitions": tp_size}
+    dim = lora_partition_dim(COLUMN, split[1]) if split is not None else 0
+    return replicated() if dim is None else sharded(dim, tp_size)
 
 
 def _write_stage(root: Path, stage: OutputStage, tp_size: int, adapter_name: str | None, on_bytes, dtypes: set) -> tuple[dict[str, FileRecord], int]:
@@ -186,8 +188,11 @@ def _stages_from_part(part: Part, tp_size: int) -> list[OutputStage]:
 
 def _transformers_stages(directory: Path, tp_size: int) -> tuple[list[OutputStage], dict[str, Any]]:
     config = read_json(directory / "config.json", MODEL_CONFIG_SCHEMA, error=CheckpointError)
-    if config.get("model_type") != "llama":
-        raise CheckpointError(f"{directory / 'config.json'}: only Llama models can be sharded from a Transformers directory, found model_type {config.get('model_type')!r}")
+    if config.get("model_type") not in FAMILIES:
+        raise CheckpointError(
+            f"{directory / 'config.json'}: model_type {config.get('model_type')!r} cannot be sharded from a Transformers "
+            f"directory; supported: {', '.join(sorted(FAMILIES))}"
+        )
     index = directory / "model.safetensors.index.json"
     if index.is_file():
         files = read_index_files(index)
@@ -199,7 +204,7 @@ def _transformers_stages(directory: Path, tp_size: int) -> tuple[list[OutputStag
     for file in files:
         tensors.update(open_safetensors(directory / file))
     try:
-        layout = llama_layout(config, tp_size)
+        layout = plan_layout(config, tp_size)
     except Exception as err:
         raise CheckpointError(f"{directory / 'config.json'}: {err}") from None
     order = {n: i for i, n in enumerate(tensors)}
@@ -223,7 +228,7 @@ def _transformers_stages(directory: Path, tp_size: int) -> tuple[list[OutputStag
     for name in tensors:
         if name not in claimed:
             if name not in layout.parameters:
-                raise CheckpointError(f"{directory}: tensor '{name}' is not a parameter of the Llama layout")
+                raise CheckpointError(f"{directory}: tensor '{name}' is not a parameter of the {config['model_type']} layout")
             groups.append((order[name], group_of([name], [])))
     groups.sort(key=lambda item: item[0])
     stage = OutputStage(0, [g for _, g in groups], layout.metadata(0), normalize_parameters_metadata(layout.parameters))
@@ -244,8 +249,8 @@ def reshard(
     overwrite: bool = False,
     progress: bool = False,
 ) -> ReshardResult:
-    """Write ``checkpoint_dir`` (sharded, any format, or a Transformers Llama directory) as our sharded format at
-    ``tp_size``, atomically. Bit-exact: consolidating the result gives the same tensors as consolidating the input."""
+    """Write ``checkpoint_dir`` (sharded, any format, or a Transformers directory of one of the four families) as
+    our sharded format at ``tp_size``, atomically. Bit-exact: consolidating the result gives the same tensors as consolidating the input."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     if not isinstance(tp_size, int) or tp_size < 1:
         raise CheckpointError(f"--tp-size must be a positive integer, got {tp_size!r}")

@@ -1,13 +1,15 @@
-"""Tensor-parallel layout of a Llama-family model: specs + parameters metadata, and sharding of its weights.
+"""Tensor-parallel layout of a Llama-family model (Llama, Mistral, Qwen3, Granite): specs + parameters metadata,
+and sharding of its weights.
 
-This is the layout the custom Llama of `optimum_neuron_peft.models` (and optimum-neuron) trains with:
+`plan_layout` reads everything from the parallel plan (`transformations.parallel_plan`): the layout the models of
+`optimum_neuron_peft.models` (and optimum-neuron) train with, in short:
 
     model.embed_tokens.weight                      vocab-parallel, dim 0
     model.layers.<i>.self_attn.qkv_proj.weight_q/k/v  GQAQKVColumnParallelLinearSpec (weight_qkv with fuse_qkv)
     model.layers.<i>.self_attn.o_proj.weight       row parallel, dim 1 (columns permuted by the GQA spec)
     model.layers.<i>.mlp.gate_up_proj.weight       FusedLinearsSpec, column parallel, dim 0 stride 2
     model.layers.<i>.mlp.down_proj.weight          row parallel, dim 1
-    norms                                          replicated
+    norms (Qwen3's q_norm / k_norm too)            replicated
     lm_head.weight                                 column parallel, dim 0 (absent with tie_word_embeddings:
                                                    the model shares embed_tokens.weight, saved once)
 
@@ -17,29 +19,26 @@ directory, and by the distributed saver's tests. Nothing here reads global paral
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Iterable, Iterator, Mapping
 
 import torch
 
 from ..errors import ConfigError
-from ..transformations import (
-    FusedLinearsSpec,
-    GQAQKVColumnParallelLinearSpec,
-    ModelWeightTransformationSpecs,
-    adapt_state_dict,
-)
+from ..transformations import ModelWeightTransformationSpecs, adapt_state_dict
 from ..transformations.names import PEFT_WRAPPER_PREFIX, add_adapter_name, split_lora_name
+from ..transformations.parallel_plan import (
+    FUSED_GROUPS,
+    LORA_TARGETS as LORA_TARGETS,
+    TIED_LM_HEAD,
+    dims_of,
+    lora_entries,
+    parameter_entries,
+)
+from ..transformations.plan_specs import build_spec
 
-_REPLICATED = {"tensor_model_parallel": False}
-
-
-def _sharded(dim: int, tp_size: int, stride: int = 1) -> dict[str, Any]:
-    return {"tensor_model_parallel": True, "partition_dim": dim, "partition_stride": stride, "num_partitions": tp_size}
-
-
-def _get(config: Any, key: str, default: Any = None) -> Any:
-    return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
+# LORA_TARGETS and TIED_LM_HEAD are imported from here by tests and tools: they are the plan's.
 
 
 @dataclasses.dataclass
@@ -126,11 +125,7 @@ class LlamaShardingLayout:
         return {pp: self.metadata(pp, adapter_name) for pp in range(self.pp_size)}
 
 
-TIED_LM_HEAD = "lm_head.weight"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def llama_layout(
+def plan_layout(
     config: Any,
     tp_size: int,
     *,
@@ -140,78 +135,40 @@ def llama_layout(
     lora_target_modules: Iterable[str] | None = None,
     mha_fused_qkv: bool = False,
 ) -> LlamaShardingLayout:
-    """The tensor-parallel layout of the Llama model described by ``config`` (a LlamaConfig or its dict).
+    """The tensor-parallel layout of the model described by ``config`` (a Transformers config of any of the four
+    families, or its dict), built from the parallel plan (`transformations.parallel_plan`).
 
     ``mha_fused_qkv`` (multi-head attention only): q/k/v fused into one column-parallel ``qkv_proj.weight`` under a
     `FusedLinearsSpec` (stride 3) instead of the GQA layer, as optimum-neuron does for ``fuse_qkv`` when every head
     has its own key/value head.
     """
-    hidden = _get(config, "hidden_size")
-    layers = _get(config, "num_hidden_layers")
-    heads = _get(config, "num_attention_heads")
-    kv_heads = _get(config, "num_key_value_heads") or heads
-    head_dim = _get(config, "head_dim") or hidden // heads
-    intermediate = _get(config, "intermediate_size")
-    attention_bias = bool(_get(config, "attention_bias", False))
-    if _get(config, "mlp_bias", False):
-        raise ConfigError("llama_layout: mlp_bias=True is not supported")
-    if pp_size < 1 or layers < pp_size:
-        raise ConfigError(f"llama_layout: pp_size={pp_size} must be between 1 and num_hidden_layers={layers}")
-    tied = bool(_get(config, "tie_word_embeddings", False))
-    targets = set(lora_target_modules or ())
-    unknown = targets - set(LORA_TARGETS)
-    if unknown:
-        raise ConfigError(f"llama_layout: LoRA target modules {sorted(unknown)} are not linears of Llama {LORA_TARGETS}")
-    if mha_fused_qkv and kv_heads != heads:
-        raise ConfigError(f"llama_layout: mha_fused_qkv needs as many key/value heads as heads, got {kv_heads} and {heads}")
-
+    try:
+        dims = dims_of(config)
+    except ConfigError as err:
+        raise ConfigError(f"plan_layout: {err}") from None
+    if pp_size < 1 or dims.layers < pp_size:
+        raise ConfigError(f"plan_layout: pp_size={pp_size} must be between 1 and num_hidden_layers={dims.layers}")
+    if mha_fused_qkv and dims.kv_heads != dims.heads:
+        raise ConfigError(
+            f"plan_layout: mha_fused_qkv needs as many key/value heads as heads, got {dims.kv_heads} and {dims.heads}"
+        )
+    options = {"kv_size_multiplier": kv_size_multiplier, "fuse_qkv": fuse_qkv, "mha_fused_qkv": mha_fused_qkv}
+    group_specs = {fused: build_spec(fused, dims, tp_size, **options) for fused in FUSED_GROUPS}
     specs: list[ModelWeightTransformationSpecs] = []
-    params: dict[str, dict[str, Any]] = {"model.embed_tokens.weight": _sharded(0, tp_size)}
-    lora: dict[str, dict[str, Any]] = {}
-    for i in range(layers):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        fused = FusedLinearsSpec("gate_up_proj", ["gate_proj", "up_proj"], False, 0, [intermediate] * 2, tp_size=tp_size)
-        qkv_params = ["weight", "bias"] if attention_bias else ["weight"]
-        if mha_fused_qkv:
-            qkv = FusedLinearsSpec(
-                "qkv_proj", ["q_proj", "k_proj", "v_proj"], attention_bias, 0, [heads * head_dim] * 3, tp_size=tp_size
-            )
-            for p in qkv_params:
-                params[f"{attn}.qkv_proj.{p}"] = _sharded(0, tp_size, stride=3)
-        else:
-            qkv = GQAQKVColumnParallelLinearSpec.create(
-                num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim, tp_size=tp_size,
-                kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv, bias=attention_bias,
-            )
-            for p in qkv_params:
-                for s in (["qkv"] if fuse_qkv else ["q", "k", "v"]):
-                    params[f"{attn}.qkv_proj.{p}_{s}"] = _sharded(0, tp_size)
-        specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=attn, specs=[qkv]))
-        specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=mlp, specs=[fused]))
-        params[f"{attn}.o_proj.weight"] = _sharded(1, tp_size)
-        if attention_bias:
-            params[f"{attn}.o_proj.bias"] = dict(_REPLICATED)
-        params[f"{mlp}.gate_up_proj.weight"] = _sharded(0, tp_size, stride=2)
-        params[f"{mlp}.down_proj.weight"] = _sharded(1, tp_size)
-        params[f"model.layers.{i}.input_layernorm.weight"] = dict(_REPLICATED)
-        params[f"model.layers.{i}.post_attention_layernorm.weight"] = dict(_REPLICATED)
-        for s, proj in zip("qkv", ("q_proj", "k_proj", "v_proj")):
-            if proj in targets:
-                suffix = proj if mha_fused_qkv else s  # FusedLinearsSpec names LoRA by linear, the GQA spec by q/k/v
-                lora[f"{attn}.qkv_proj.lora_A.weight_{suffix}"] = dict(_REPLICATED)
-                lora[f"{attn}.qkv_proj.lora_B.weight_{suffix}"] = _sharded(0, tp_size)
-        for proj in ("gate_proj", "up_proj"):
-            if proj in targets:
-                lora[f"{mlp}.gate_up_proj.lora_A.weight_{proj}"] = dict(_REPLICATED)
-                lora[f"{mlp}.gate_up_proj.lora_B.weight_{proj}"] = _sharded(0, tp_size)
-        for module, target in ((f"{attn}.o_proj", "o_proj"), (f"{mlp}.down_proj", "down_proj")):
-            if target in targets:
-                lora[f"{module}.lora_A.weight"] = _sharded(1, tp_size)
-                lora[f"{module}.lora_B.weight"] = dict(_REPLICATED)
-    params["model.norm.weight"] = dict(_REPLICATED)
-    if not tied:  # tied: Transformers ties lm_head to embed_tokens itself when loading
-        params[TIED_LM_HEAD] = _sharded(0, tp_size)
-    return LlamaShardingLayout(layers, tp_size, pp_size, specs, params, lora, tied)
+    for i in range(dims.layers):
+        for fused, group in FUSED_GROUPS.items():  # self_attn then mlp, as the model declares them
+            spec = copy.deepcopy(group_specs[fused])
+            module = f"model.layers.{i}.{group.parent}"
+            specs.append(ModelWeightTransformationSpecs(module_fully_qualified_name=module, specs=[spec]))
+    params = parameter_entries(config, tp_size, fuse_qkv=fuse_qkv, mha_fused_qkv=mha_fused_qkv)
+    try:
+        lora = lora_entries(config, tp_size, lora_target_modules or (), mha_fused_qkv=mha_fused_qkv)
+    except ConfigError as err:
+        raise ConfigError(f"plan_layout: {err}") from None
+    return LlamaShardingLayout(dims.layers, tp_size, pp_size, specs, params, lora, dims.tied)
+
+
+llama_layout = plan_layout  # the name from before the plan covered every family
 
 
 def peft_state_dict_to_plain(adapter_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

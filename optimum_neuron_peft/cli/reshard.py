@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint_dir", type=Path, help="sharded checkpoint (ours or optimum-neuron's) or a Transformers Llama directory")
+    parser.add_argument("checkpoint_dir", type=Path, help="sharded checkpoint (ours or optimum-neuron's) or a Transformers directory (Llama, Mistral, Qwen3, Granite)")
     parser.add_argument("output_dir", type=Path, help="output checkpoint, in our sharded format")
     parser.add_argument("--tp-size", type=int, required=True, help="the new tensor-parallel size")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")

@@ -1,7 +1,7 @@
 """The decoder stack and causal-LM head shared by every supported architecture.
 
 `ParallelForCausalLM` holds what the four families have in common; a family (`llama`, `mistral`, `qwen3`,
-`granite`) is a subclass that only says how to read its Transformers config into an `ArchitectureConfig`.
+`granite`) is a subclass naming its model type; what the family changes is in `parallel_plan.FAMILIES`.
 Parameter names are Transformers' names (``model.embed_tokens.weight``, ``model.layers.0.input_layernorm.weight``,
 ``lm_head.weight``...), except inside the spec-covered modules (``self_attn.qkv_proj.weight_q``,
 ``mlp.gate_up_proj.weight``), named like optimum-neuron's custom models.
@@ -30,7 +30,8 @@ from ..parallel import (
 from ..transformations import create_parameter_metadata, specialize_transformation_specs_for_model
 from ..utils.sharded_writer import sharded_writer
 from ..transformations.metadata import model_transformation_specs
-from .config import ArchitectureConfig
+from ..transformations.parallel_plan import FAMILIES, original_shapes
+from .config import ArchitectureConfig, architecture_config
 from .modules import DecoderLayer, RMSNorm, RotaryEmbedding, attention_masks, effective_window
 from .plan import ParallelPlan
 
@@ -86,7 +87,7 @@ class ParallelDecoderModel(nn.Module):
 class ParallelForCausalLM(nn.Module):
     """A tensor-parallel causal LM loading Transformers checkpoints; see `AutoModelForCausalLM.from_pretrained`.
 
-    Subclasses set ``model_type``, ``architectures`` and `architecture_config`.
+    Subclasses set ``model_type`` (a key of `parallel_plan.FAMILIES`) and ``architectures``.
     """
 
     model_type: ClassVar[str] = ""
@@ -112,7 +113,10 @@ class ParallelForCausalLM(nn.Module):
 
     @classmethod
     def architecture_config(cls, hf_config: Any) -> ArchitectureConfig:
-        raise NotImplementedError
+        """The fields of ``hf_config``, read with the switches of this family (`parallel_plan.FAMILIES`)."""
+        family = FAMILIES[cls.model_type]
+        return architecture_config(hf_config, qk_norm=family.qk_norm, granite=family.granite,
+                                   per_layer_sliding=family.per_layer_sliding)  # fmt: skip
 
     # -- forward ----------------------------------------------------------------------------------------------
 
@@ -212,15 +216,8 @@ class ParallelForCausalLM(nn.Module):
     # -- weights ----------------------------------------------------------------------------------------------
 
     def original_parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor expected in the Transformers checkpoint, with its full shape."""
-        a = self.arch
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (a.vocab_size, a.hidden_size)}
-        for i, layer in enumerate(self.model.layers):
-            shapes.update(layer.original_shapes(f"model.layers.{i}", a))
-        shapes["model.norm.weight"] = (a.hidden_size,)
-        if not a.tie_word_embeddings:
-            shapes["lm_head.weight"] = (a.vocab_size, a.hidden_size)
-        return shapes
+        """Every tensor expected in the Transformers checkpoint, with its full shape (from the parallel plan)."""
+        return original_shapes(self.arch)
 
     def transformation_specs(self) -> list:
         """The `ModelWeightTransformationSpecs` of every custom module (for `to_original_weights`)."""

@@ -4,16 +4,9 @@ logits divided by ``logits_scaling`` (the loss is computed on the divided logits
 
 from __future__ import annotations
 
-from typing import Any
-
 from .causal_lm import ParallelForCausalLM
-from .config import ArchitectureConfig, architecture_config
 
 
 class GraniteForCausalLM(ParallelForCausalLM):
     model_type = "granite"
     architectures = ("GraniteForCausalLM",)
-
-    @classmethod
-    def architecture_config(cls, hf_config: Any) -> ArchitectureConfig:
-        return architecture_config(hf_config, granite=True)

@@ -170,20 +170,6 @@ class ParallelAttention(CustomModule, nn.Module):
         )  # fmt: skip
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
-    def original_shapes(self, prefix: str, config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
-        """Names and full shapes of the Transformers tensors this module is loaded from."""
-        H, K, hd, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim, config.hidden_size
-        shapes: dict[str, tuple[int, ...]] = {
-            f"{prefix}.q_proj.weight": (H * hd, D), f"{prefix}.k_proj.weight": (K * hd, D),
-            f"{prefix}.v_proj.weight": (K * hd, D), f"{prefix}.o_proj.weight": (D, H * hd),
-        }  # fmt: skip
-        if config.attention_bias:
-            shapes.update({f"{prefix}.q_proj.bias": (H * hd,), f"{prefix}.k_proj.bias": (K * hd,),
-                           f"{prefix}.v_proj.bias": (K * hd,), f"{prefix}.o_proj.bias": (D,)})  # fmt: skip
-        if config.qk_norm:
-            shapes.update({f"{prefix}.q_norm.weight": (hd,), f"{prefix}.k_norm.weight": (hd,)})
-        return shapes
-
 
 class ParallelMLP(CustomModule, nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)) with gate and up fused into one column-parallel ``gate_up_proj``."""
@@ -198,15 +184,6 @@ class ParallelMLP(CustomModule, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # local [gate_r | up_r]
         return self.down_proj(self.act_fn(gate) * up)
-
-    def original_shapes(self, prefix: str, config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
-        D, I = config.hidden_size, config.intermediate_size
-        shapes: dict[str, tuple[int, ...]] = {
-            f"{prefix}.gate_proj.weight": (I, D), f"{prefix}.up_proj.weight": (I, D), f"{prefix}.down_proj.weight": (D, I),
-        }  # fmt: skip
-        if config.mlp_bias:
-            shapes.update({f"{prefix}.gate_proj.bias": (I,), f"{prefix}.up_proj.bias": (I,), f"{prefix}.down_proj.bias": (D,)})
-        return shapes
 
 
 class DecoderLayer(nn.Module):
@@ -226,11 +203,3 @@ class DecoderLayer(nn.Module):
         x = x + h * self.residual_multiplier if self.residual_multiplier != 1.0 else x + h
         h = self.mlp(self.post_attention_layernorm(x))
         return x + h * self.residual_multiplier if self.residual_multiplier != 1.0 else x + h
-
-    def original_shapes(self, prefix: str, config: ArchitectureConfig) -> dict[str, tuple[int, ...]]:
-        D = config.hidden_size
-        return {
-            f"{prefix}.input_layernorm.weight": (D,), f"{prefix}.post_attention_layernorm.weight": (D,),
-            **self.self_attn.original_shapes(f"{prefix}.self_attn", config),
-            **self.mlp.original_shapes(f"{prefix}.mlp", config),
-        }  # fmt: skip

@@ -1,6 +1,6 @@
-"""The tensor-parallel plan of the Llama-family models: which layer is column- or row-parallel, in one place.
+"""The parallel layers of the Llama-family models, built from the plan's table (`transformations.parallel_plan`).
 
-All four supported architectures (Llama, Mistral, Qwen3, Granite) share this plan:
+All four supported architectures (Llama, Mistral, Qwen3, Granite) share the table (`MODULE_PLAN`); in short:
 
 ===========================  ==========================================  =====================================
 Transformers module          parallel layer                              parameters (per rank)
@@ -37,6 +37,8 @@ from ..parallel import (
 )
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.gqa_layout import KV_LAYOUTS, check_gqa_shape, default_kv_size_multiplier
+from ..transformations.parallel_plan import COLUMN, FUSED_GROUPS, LAYER, MODULE_PLAN, ROW, dims_of
+from ..transformations.plan_specs import build_spec
 from .config import ArchitectureConfig
 
 
@@ -104,49 +106,55 @@ class ParallelPlan:
             sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
         )  # fmt: skip
 
-    def qkv_projection(self, config: ArchitectureConfig) -> tuple[GQAQKVColumnParallelLinear, GQAQKVColumnParallelLinearSpec]:
+    def qkv_projection(
+        self, config: ArchitectureConfig
+    ) -> tuple[GQAQKVColumnParallelLinear, GQAQKVColumnParallelLinearSpec]:
         m = self.resolved_kv_size_multiplier(config)
         layer = GQAQKVColumnParallelLinear(
             config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim,
             kv_size_multiplier=m, bias=config.attention_bias, fuse_qkv=self.fuse_qkv, kv_layout=self.kv_layout,
             sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
         )  # fmt: skip
-        spec = GQAQKVColumnParallelLinearSpec.create(
-            num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-            head_dim=config.head_dim, tp_size=self.tp.size, kv_size_multiplier=m, fuse_qkv=self.fuse_qkv,
-            bias=config.attention_bias, kv_layout=self.kv_layout, gqa_qkv_projection_name="qkv_proj",
-            output_projection_name="o_proj",
-        )  # fmt: skip
+        spec = build_spec(
+            "qkv_proj", config, self.tp.size, kv_size_multiplier=m, fuse_qkv=self.fuse_qkv, kv_layout=self.kv_layout
+        )
         return layer, spec
 
     def output_projection(self, config: ArchitectureConfig) -> RowParallelLinear:
-        return RowParallelLinear(
-            config.num_attention_heads * config.head_dim, config.hidden_size, bias=config.attention_bias,
-            input_is_parallel=True, sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
-        )  # fmt: skip
+        return self.linear(config, f"{LAYER}.self_attn.o_proj")
 
     def gate_up_projection(self, config: ArchitectureConfig) -> tuple[ColumnParallelLinear, FusedLinearsSpec]:
-        I = config.intermediate_size
         # stride 2: rank r holds [gate_r; up_r], the layout of FusedLinearsSpec (docs/checkpoint_formats.md section 2).
-        layer = ColumnParallelLinear(
-            config.hidden_size, 2 * I, bias=config.mlp_bias, gather_output=False, stride=2,
-            sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
-        )  # fmt: skip
-        spec = FusedLinearsSpec(
-            fused_linear_name="gate_up_proj", linear_names=["gate_proj", "up_proj"], bias=config.mlp_bias,
-            fuse_axis="column", original_dims=[I, I], tp_size=self.tp.size,
-        )  # fmt: skip
-        return layer, spec
+        return self.fused_linear(config, "gate_up_proj"), build_spec("gate_up_proj", config, self.tp.size)
 
     def down_projection(self, config: ArchitectureConfig) -> RowParallelLinear:
-        return RowParallelLinear(
-            config.intermediate_size, config.hidden_size, bias=config.mlp_bias, input_is_parallel=True,
-            sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
-        )  # fmt: skip
+        return self.linear(config, f"{LAYER}.mlp.down_proj")
 
     def lm_head(self, config: ArchitectureConfig) -> ColumnParallelLinear:
         # Vocab-sharded along dim 0 like the embedding, so tied embeddings share one parameter.
+        return self.linear(config, "lm_head")
+
+    # -- from the table ---------------------------------------------------------------------------------------
+
+    def linear(self, config: ArchitectureConfig, module: str) -> ColumnParallelLinear | RowParallelLinear:
+        """The parallel linear of ``module`` (a `MODULE_PLAN` key) as the table says: column-parallel without
+        gathering its output, or row-parallel taking the sharded input; bias when the config gives it one."""
+        plan, dims = MODULE_PLAN[module], dims_of(config)
+        out_features, in_features = dims.shape(plan.shape)
+        common = {"bias": dims.has_bias(plan), "sequence_parallel_enabled": self.sequence_parallel,
+                  **self._factory, **self._init()}  # fmt: skip
+        if plan.parallel == ROW:
+            return RowParallelLinear(in_features, out_features, input_is_parallel=True, **common)
+        if plan.parallel != COLUMN:
+            raise ConfigError(f"{module} is {plan.parallel}, not a parallel linear")
+        return ColumnParallelLinear(in_features, out_features, gather_output=False, **common)
+
+    def fused_linear(self, config: ArchitectureConfig, fused: str) -> ColumnParallelLinear:
+        """One column-parallel layer computing the linears of plain fused group ``fused`` (stride = their count)."""
+        group, dims = FUSED_GROUPS[fused], dims_of(config)
+        plans = [MODULE_PLAN[f"{LAYER}.{group.parent}.{linear}"] for linear in group.linears]
         return ColumnParallelLinear(
-            config.hidden_size, config.vocab_size, bias=False, gather_output=False,
+            dims.shape(plans[0].shape)[1], sum(dims.shape(p.shape)[0] for p in plans),
+            bias=any(dims.has_bias(p) for p in plans), gather_output=False, stride=len(plans),
             sequence_parallel_enabled=self.sequence_parallel, **self._factory, **self._init(),
         )  # fmt: skip

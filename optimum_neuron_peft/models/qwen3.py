@@ -6,16 +6,9 @@ its own heads, so their gradients are summed over the tensor-parallel group in b
 
 from __future__ import annotations
 
-from typing import Any
-
 from .causal_lm import ParallelForCausalLM
-from .config import ArchitectureConfig, architecture_config
 
 
 class Qwen3ForCausalLM(ParallelForCausalLM):
     model_type = "qwen3"
     architectures = ("Qwen3ForCausalLM",)
-
-    @classmethod
-    def architecture_config(cls, hf_config: Any) -> ArchitectureConfig:
-        return architecture_config(hf_config, qk_norm=True, per_layer_sliding=True)

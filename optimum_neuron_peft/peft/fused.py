@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..parallel import reduce_gradient_in_backward
+from ..transformations.parallel_plan import COLUMN, lora_partition_dims
 from .layers import (
     LoraColumnParallelLinear,
     ParallelLoraLayer,
@@ -100,6 +101,7 @@ class MultiProjectionLora(ParallelLoraLayer):
         targets = projection_targets(config, target_name, layout)
         like = self._like()
         a_params, b_params = {}, {}
+        a_dim, b_dim = lora_partition_dims(COLUMN)  # the fused layers are column-parallel
         self.projection_scaling = getattr(self, "projection_scaling", {})
         self.projection_r = getattr(self, "projection_r", {})
         for key, out in zip(layout.keys, layout.out_features):
@@ -107,8 +109,8 @@ class MultiProjectionLora(ParallelLoraLayer):
                 continue
             r_p, alpha_p = targets[key]
             a, b = draw_linear_adapter(self.in_features, out, r_p, config.init_lora_weights)
-            a_params[f"weight_{key}"] = make_parameter(a, like, None, self.tp.size)
-            b_params[f"weight_{key}"] = make_parameter(self._local_rows(key, b), like, 0, self.tp.size)
+            a_params[f"weight_{key}"] = make_parameter(a, like, a_dim, self.tp.size)
+            b_params[f"weight_{key}"] = make_parameter(self._local_rows(key, b), like, b_dim, self.tp.size)
         self.lora_A[adapter_name] = LoraWeights(a_params)
         self.lora_B[adapter_name] = LoraWeights(b_params)
         self.projection_r[adapter_name] = {k: targets[k][0] for k in layout.keys if k in targets}

@@ -51,6 +51,7 @@ from ..parallel import (
     scatter_to_sequence_parallel_region,
     set_tensor_model_parallel_attributes,
 )
+from ..transformations.parallel_plan import COLUMN, ROW, VOCAB, lora_partition_dims
 from .lora_checks import check_lora_config
 
 # Set on a row-parallel base layer whose local input columns are not a contiguous chunk (o_proj after the GQA
@@ -300,8 +301,9 @@ class LoraColumnParallelLinear(ParallelLoraLayer):
         base = self.get_base_layer()
         a, b = draw_linear_adapter(self.in_features, self.out_features, r, config.init_lora_weights)
         local_b = chunk(b, 0, base.output_size_per_partition, self.tp.rank)
-        self.lora_A[adapter_name] = _linear(make_parameter(a, base.weight, None, self.tp.size))
-        self.lora_B[adapter_name] = _linear(make_parameter(local_b, base.weight, 0, self.tp.size))
+        a_dim, b_dim = lora_partition_dims(COLUMN)
+        self.lora_A[adapter_name] = _linear(make_parameter(a, base.weight, a_dim, self.tp.size))
+        self.lora_B[adapter_name] = _linear(make_parameter(local_b, base.weight, b_dim, self.tp.size))
 
     def _lora_forward(self, x, result, adapters):
         base = self.get_base_layer()
@@ -350,8 +352,9 @@ class LoraRowParallelLinear(ParallelLoraLayer):
             local_a = a[:, columns].contiguous()
         else:
             local_a = chunk(a, 1, base.input_size_per_partition, self.tp.rank)
-        self.lora_A[adapter_name] = _linear(make_parameter(local_a, base.weight, 1, self.tp.size))
-        self.lora_B[adapter_name] = _linear(make_parameter(b, base.weight, None, self.tp.size))
+        a_dim, b_dim = lora_partition_dims(ROW)
+        self.lora_A[adapter_name] = _linear(make_parameter(local_a, base.weight, a_dim, self.tp.size))
+        self.lora_B[adapter_name] = _linear(make_parameter(b, base.weight, b_dim, self.tp.size))
 
     def _shares_collectives(self) -> bool:
         return True
@@ -385,8 +388,9 @@ class LoraParallelEmbedding(ParallelLoraLayer):
         base = self.get_base_layer()
         a, b = draw_embedding_adapter(self.in_features, self.out_features, r, config.init_lora_weights)
         per_rank = base.vocab_end_index - base.vocab_start_index
-        self.lora_embedding_A[adapter_name] = make_parameter(chunk(a, 1, per_rank, self.tp.rank), base.weight, 1, self.tp.size)
-        self.lora_embedding_B[adapter_name] = make_parameter(b, base.weight, None, self.tp.size)
+        a_dim, b_dim = lora_partition_dims(VOCAB)
+        self.lora_embedding_A[adapter_name] = make_parameter(chunk(a, 1, per_rank, self.tp.rank), base.weight, a_dim, self.tp.size)
+        self.lora_embedding_B[adapter_name] = make_parameter(b, base.weight, b_dim, self.tp.size)
 
     def _lora_forward(self, input_ids, result, adapters):
         base = self.get_base_layer()

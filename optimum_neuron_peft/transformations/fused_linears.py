@@ -23,6 +23,7 @@ import torch
 
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
+from .parallel_plan import COLUMN, LORA_PARTITION_DIM, ROW
 from .peft_targets import FusedModuleSpec
 from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape, unshard_tensors
 from .spec_fields import FUSE_AXES, FusedLinearsFields
@@ -107,7 +108,7 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                 local[f"{m}.{fused}.{param}"] = gather_blocks(pieces, dim)
             consumed += names
         # LoRA: lora_B of a column-fused linear and lora_A of a row-fused one are sharded like the base weight.
-        sharded, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)
+        sharded, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
         for lin in self.linear_names:
             for lora in ("lora_A", "lora_B"):
                 name = f"{m}.{lin}.{lora}.weight"
@@ -157,7 +158,7 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
             for lin, piece in zip(self.linear_names, pieces):
                 original[f"{m}.{lin}.{param}"] = piece.contiguous()
             consumed.append(name)
-        sharded, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)
+        sharded, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
         for lin in self.linear_names:
             for lora in ("lora_A", "lora_B"):
                 name = f"{m}.{fused}.{lora}.weight_{lin}"
