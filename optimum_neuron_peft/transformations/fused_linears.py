@@ -24,7 +24,8 @@ import torch
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
 from .peft_targets import FusedModuleSpec
-from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape, unshard_tensors
+from .pieces_torch import spec_to_original
+from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape
 from .spec_fields import FUSE_AXES, FusedLinearsFields
 
 
@@ -120,18 +121,7 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                 consumed.append(name)
         return local, consumed
 
-    def _unfuse(self, name: str, shards: Sequence[torch.Tensor], dim: int) -> list[torch.Tensor]:
-        """Split each rank's fused tensor per linear along ``dim`` and rebuild each linear's full tensor."""
-        local_dims = self._local_dims()
-        per_rank = []
-        for rank, shard in enumerate(shards):
-            if shard.dim() <= dim or shard.shape[dim] != sum(local_dims):
-                raise SpecError(
-                    f"{name}: rank {rank} holds shape {tuple(shard.shape)}, expected {sum(local_dims)} entries along "
-                    f"dim {dim} (original dims {self.original_dims} / tp_size {self.tp_size})"
-                )
-            per_rank.append(shard.split(local_dims, dim=dim))
-        return [unshard_tensors([pieces[i] for pieces in per_rank], dim, name=name) for i in range(len(local_dims))]
+    # -- local -> original: the inverse of `saved_layouts` (spec_fields.FusedLinearsFields) ---------------------------
 
     def to_original_weights(
         self,
@@ -139,46 +129,4 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
         sharded_state_dicts: Mapping[str, Sequence[torch.Tensor]],
         parameters_metadata: Mapping[str, Mapping[str, Any]],
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        m, fused = module_fully_qualified_name, self.fused_linear_name
-        original: dict[str, torch.Tensor] = {}
-        consumed: list[str] = []
-        for param in self._param_names:
-            name = f"{m}.{fused}.{param}"
-            if name not in sharded_state_dicts:
-                continue
-            shards = self._ranks(name, sharded_state_dicts)
-            if param == "bias" and self.fuse_axis == 1:
-                whole = shards[0]
-                if whole.shape != (len(self.linear_names) * (whole.shape[0] // len(self.linear_names)),):
-                    raise SpecError(f"{name}: expected concatenated biases of equal size, found shape {tuple(whole.shape)}")
-                pieces = whole.chunk(len(self.linear_names))
-            else:
-                pieces = self._unfuse(name, shards, self.fuse_axis if param == "weight" else 0)
-            for lin, piece in zip(self.linear_names, pieces):
-                original[f"{m}.{lin}.{param}"] = piece.contiguous()
-            consumed.append(name)
-        sharded, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)
-        for lin in self.linear_names:
-            for lora in ("lora_A", "lora_B"):
-                name = f"{m}.{fused}.{lora}.weight_{lin}"
-                if name not in sharded_state_dicts:
-                    continue
-                shards = self._ranks(name, sharded_state_dicts)
-                full = unshard_tensors(shards, sharded_dim, name=name) if lora == sharded else shards[0]
-                original[f"{m}.{lin}.{lora}.weight"] = full.contiguous()
-                consumed.append(name)
-        # optimum-neuron's layout: one lora_A shared by the fused linears and a fused lora_B (column fusion only).
-        shared_a, fused_b = f"{m}.{fused}.lora_A.weight", f"{m}.{fused}.lora_B.weight"
-        if shared_a in sharded_state_dicts or fused_b in sharded_state_dicts:
-            if self.fuse_axis != 0:
-                raise SpecError(f"{shared_a}: a shared LoRA on a row-fused linear cannot be split into its linears")
-            if shared_a in sharded_state_dicts:
-                a = self._ranks(shared_a, sharded_state_dicts)[0]
-                for lin in self.linear_names:
-                    original[f"{m}.{lin}.lora_A.weight"] = a.clone()
-                consumed.append(shared_a)
-            if fused_b in sharded_state_dicts:
-                for lin, b in zip(self.linear_names, self._unfuse(fused_b, self._ranks(fused_b, sharded_state_dicts), 0)):
-                    original[f"{m}.{lin}.lora_B.weight"] = b.contiguous()
-                consumed.append(fused_b)
-        return original, consumed
+        return spec_to_original(self, module_fully_qualified_name, sharded_state_dicts)
