@@ -24,8 +24,8 @@ import torch
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
 from .peft_targets import FusedModuleSpec
-from .pieces_torch import spec_to_original
-from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape
+from .pieces_torch import gather_saved, spec_to_original
+from .sharding import materialize, shard_tensor, tensor_shape
 from .spec_fields import FUSE_AXES, FusedLinearsFields
 
 
@@ -99,13 +99,12 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                 raise SpecError(f"{m}.{fused}.{param}: missing original tensors {missing} to build the fused {param}")
             for i, name in enumerate(names):
                 self._check_original(name, state_dict[name], i, param)
+            name = f"{m}.{fused}.{param}"
             if param == "bias" and self.fuse_axis == 1:
-                pieces = [materialize(state_dict[n]) for n in names]  # row fusion: biases stay whole
-                local[f"{m}.{fused}.{param}"] = torch.cat(pieces, dim=0)
+                layout = self.concatenated_layout(name, names, [tensor_shape(state_dict[n])[0] for n in names])
             else:
-                dim = self.fuse_axis if param == "weight" else 0
-                pieces = [(state_dict[n], shard_ranges(state_dict[n], dim, self.tp_size, tp_rank, name=n)) for n in names]
-                local[f"{m}.{fused}.{param}"] = gather_blocks(pieces, dim)
+                layout = self.fused_layout(name, names, self.fuse_axis if param == "weight" else 0)
+            local[name] = gather_saved(layout, tp_rank, state_dict)
             consumed += names
         # LoRA: lora_B of a column-fused linear and lora_A of a row-fused one are sharded like the base weight.
         sharded, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)

@@ -207,19 +207,37 @@ class FusedLinearsFields(_LinearParams):
 
     # -- layout ---------------------------------------------------------------------------------------------------
 
-    def _fused_layout(self, name: str, ranks: Sequence[Shape], originals: Sequence[str], dim: int) -> SavedLayout:
-        """Each rank holds [shard_r(W_0), shard_r(W_1), ...] along ``dim``."""
+    def fused_layout(self, name: str, originals: Sequence[str], dim: int) -> SavedLayout:
+        """``name`` holding, on each rank, [shard_r(W_0), shard_r(W_1), ...] of ``originals`` along ``dim``."""
         local = [d // self.tp_size for d in self.original_dims]
-        for rank, shape in enumerate(ranks):
-            if len(shape) <= dim or shape[dim] != sum(local):
-                raise SpecError(
-                    f"{name}: rank {rank} holds shape {tuple(shape)}, expected {sum(local)} entries along "
-                    f"dim {dim} (original dims {list(self.original_dims)} / tp_size {self.tp_size})"
-                )
         blocks = [
             tuple(Block(o, r * n, (r + 1) * n) for o, n in zip(originals, local)) for r in range(self.tp_size)
         ]
         return SavedLayout(name, dim, tuple(blocks))
+
+    def _fused_layout(self, name: str, ranks: Sequence[Shape], originals: Sequence[str], dim: int) -> SavedLayout:
+        """`fused_layout`, its saved shapes checked."""
+        local = sum(d // self.tp_size for d in self.original_dims)
+        for rank, shape in enumerate(ranks):
+            if len(shape) <= dim or shape[dim] != local:
+                raise SpecError(
+                    f"{name}: rank {rank} holds shape {tuple(shape)}, expected {local} entries along "
+                    f"dim {dim} (original dims {list(self.original_dims)} / tp_size {self.tp_size})"
+                )
+        return self.fused_layout(name, originals, dim)
+
+    def concatenated_layout(self, name: str, originals: Sequence[str], sizes: Sequence[int]) -> SavedLayout:
+        """``name`` holding the whole ``originals`` (of ``sizes`` rows) concatenated, on every rank (the biases of
+        a row-fused linear: it sums the outputs, so they cannot be folded into one)."""
+        return SavedLayout(name, 0, (tuple(Block(o, 0, n) for o, n in zip(originals, sizes)),) * self.tp_size)
+
+    def lora_layout(self, name: str, original: str, lora: str, size: int) -> SavedLayout:
+        """One linear's ``lora`` ("lora_A" / "lora_B") weight saved as ``name``: sharded like the base weight
+        (lora_B of a column-fused linear along dim 0, lora_A of a row-fused one along dim 1; ``size``: the full
+        size along that dim), else whole on every rank (``size`` rows)."""
+        if (lora, self.fuse_axis) in (("lora_B", 0), ("lora_A", 1)):
+            return sharded(name, original, size, self.tp_size, self.fuse_axis)
+        return replicated(name, original, size, self.tp_size)
 
     def saved_layouts(self, module_fully_qualified_name: str, shapes: Shapes) -> list[SavedLayout]:
         """The layout of each saved tensor of this module present in ``shapes``, in the order the originals are
@@ -239,8 +257,7 @@ class FusedLinearsFields(_LinearParams):
                 whole, count = ranks[0], len(originals)
                 if len(whole) != 1 or whole[0] % count:
                     raise SpecError(f"{name}: expected concatenated biases of equal size, found shape {tuple(whole)}")
-                size = whole[0] // count
-                layouts.append(SavedLayout(name, 0, (tuple(Block(o, 0, size) for o in originals),) * tp))
+                layouts.append(self.concatenated_layout(name, originals, [whole[0] // count] * count))
             else:
                 layouts.append(self._fused_layout(name, ranks, originals, self.fuse_axis if param == "weight" else 0))
         sharded_lora, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)
@@ -249,13 +266,11 @@ class FusedLinearsFields(_LinearParams):
                 name = f"{m}.{fused}.{lora}.weight_{lin}"
                 if name not in shapes:
                     continue
-                shape, original = rank_shapes(shapes, name, tp)[0], f"{m}.{lin}.{lora}.weight"
-                if lora != sharded_lora:
-                    layouts.append(replicated(name, original, shape[0], tp))
-                elif len(shape) <= sharded_dim:
+                shape = rank_shapes(shapes, name, tp)[0]
+                if lora == sharded_lora and len(shape) <= sharded_dim:
                     raise SpecError(f"{name}: a {len(shape)}-D LoRA weight sharded along dim {sharded_dim}")
-                else:
-                    layouts.append(sharded(name, original, shape[sharded_dim] * tp, tp, sharded_dim))
+                full = shape[sharded_dim] * tp if lora == sharded_lora else shape[0]
+                layouts.append(self.lora_layout(name, f"{m}.{lin}.{lora}.weight", lora, full))
         shared_a, fused_b = f"{m}.{fused}.lora_A.weight", f"{m}.{fused}.lora_B.weight"
         if shared_a in shapes or fused_b in shapes:
             if self.fuse_axis != 0:
