@@ -12,6 +12,10 @@ LoRA (names without adapter name), one adapter pair per original linear so train
 ``<fused>.lora_A.weight_<linear>`` and ``<fused>.lora_B.weight_<linear>``; lora_B is sharded for column fusion
 (dim 0), lora_A for row fusion (dim 1). optimum-neuron's shared ``<fused>.lora_A.weight`` with a fused
 ``<fused>.lora_B.weight`` (column fusion) is read too: its lora_A is duplicated for each linear.
+
+That layout is written once, as a piece map (`spec_fields.FusedLinearsFields.saved_layouts`): the fused base
+weights are gathered from it, ``to_original_weights`` runs its inverse (`pieces_torch`), and the consolidation
+copies bytes from it (`checkpoint.declared`).
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ replicated: the base layer is column parallel) and ``qkv_proj.lora_B.weight_{q,k
 weights). optimum-neuron's shared ``qkv_proj.lora_A.weight`` is duplicated for q, k and v, and its fused lora_B
 (``lora_B.weight_qkv`` or ``lora_B.weight``) is split. ``o_proj.lora_A.weight`` (sharded along its columns) follows
 the output permutation; ``o_proj.lora_B.weight`` is replicated and left to the generic path.
+
+That layout is written once, as a piece map (`spec_fields.GQAQKVFields.saved_layouts`, head placement from
+`gqa_layout`): ``adapt_state_dict`` gathers each rank's tensors from it, ``to_original_weights`` runs its inverse
+(`pieces_torch`), and the consolidation copies bytes from it (`checkpoint.declared`).
 """
 
 from __future__ import annotations
