@@ -39,11 +39,12 @@ from ..utils.atomic import atomic_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
+from ..transformations.pieces import ColumnGather, Provenance, RowCopy
 from .config_shapes import check_config_shapes
+from .declared import GroupShapes, Unsupported, group_outputs
 from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
 from .hf_output import OutputFormat, WeightsWriter
 from .loadability import check_adapter_keys, check_model_keys, targeted
-from .provenance import ColumnGather, Provenance, RowCopy, SourceInfo, derive
 from .schemas import ADAPTER_CONFIG_SCHEMA
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
@@ -145,13 +146,24 @@ def _output_shapes(stage: Stage, group: Group, cache: dict) -> tuple[list[tuple[
 
 
 def _derive_provenance(stage: Stage, group: Group, module: str, shapes) -> dict[str, Provenance]:
-    """Provenance keyed by output name relative to ``module`` (see `provenance.derive`)."""
-    sources = [(n, [SourceInfo(tuple(ranks[n].shape), ranks[n].dtype) for ranks in stage.tensors]) for n in group.names]
-
-    def rebuild(index: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        return {n[len(module):]: t for n, t in original_weights(stage, group, index).items()}
-
-    return derive(rebuild, sources, {rel: (shape, dtype) for rel, shape, dtype in shapes})
+    """Byte provenance keyed by output name relative to ``module``: the specs' piece maps (`declared.group_outputs`,
+    the same maps the specs' ``to_original_weights`` execute), for the outputs whose shape and dtype are the
+    planned ones. None for a group whose specs have no piece map or refuse its shapes: it takes the tensor path."""
+    tensors = stage.tensors[0]
+    group_shapes = GroupShapes(group.names, {n: tuple(tensors[n].shape) for n in group.names}, len(stage.tensors))
+    specs = [spec for container in group.specs for spec in container]
+    module_name = group.specs[0].module_fully_qualified_name if group.specs else None
+    try:
+        outputs = group_outputs(module_name, specs, group_shapes, stage.parameters)
+    except Unsupported:
+        return {}
+    planned = {rel: (tuple(shape), dtype) for rel, shape, dtype in shapes}
+    found = {}
+    for output in outputs:
+        rel = output.name[len(module):]
+        if planned.get(rel) == (output.shape, tensors[group.names[output.source]].dtype):
+            found[rel] = output.provenance
+    return found
 
 
 def plan_part(part: Part, dtype: torch.dtype | None) -> list[GroupPlan]:

@@ -1,16 +1,16 @@
-"""Byte provenance declared from spec fields and shapes: the torch-free twin of `provenance.derive`.
+"""Reading the specs' layouts from a checkpoint's metadata and planning one group's byte moves, without torch.
 
-`provenance.derive` finds where each rebuilt weight's bytes come from by running the spec's `to_original_weights`
-on index tensors (torch). Here the same `RowCopy` / `ColumnGather` answers are computed from the spec's serialized
-fields (as the metadata file holds them) and the saved shapes, in pure Python, so that a full-model consolidation
-can plan without importing torch. One layout class per spec class, registered by the name the metadata uses for
-the spec (`DECLARED_SPECS`), plus the layout of parameters no spec covers (`parameter_output`).
+Each spec's layout is written once, as a piece map (`transformations.spec_fields`: ``saved_layouts``, inverted by
+`transformations.pieces.original_layouts` into one `RowCopy` / `ColumnGather` per rebuilt weight). Here the
+specs' serialized fields (as the metadata file holds them) become those field classes, checked at least as
+strictly as the specs' ``from_dict`` / ``__post_init__``, and each group of saved tensors is planned from them and
+the saved shapes: the weights `transformations.model.to_original_weights` rebuilds, in its order, with where
+their bytes are. Parameters no spec covers are laid out from their metadata entry (`parameter_output`).
 
-Each layout accepts only what it fully understands: fields are checked at least as strictly as the spec's
-``from_dict`` / ``__post_init__``, shapes as strictly as its ``to_original_weights``; anything else raises
-`Unsupported`, and the caller leaves the checkpoint to the torch engine (which reports real errors). Tests check
-these layouts against `derive` and the specs' ``get_relevant_parameter_names`` over a grid of configurations, so
-the two cannot drift apart.
+Both consolidation engines plan with these: the torch-free one from the metadata's fields (`DECLARED_SPECS`), the
+torch one from its spec objects (they carry the same ``saved_layouts``). Anything a layout does not accept raises
+`Unsupported`. Tests check the piece maps against the specs' own results and against index-tensor tracing
+(tests/checkpoint/provenance_oracle.py).
 """
 
 from __future__ import annotations
@@ -19,27 +19,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from ..transformations.gqa_layout import KV_LAYOUTS, gqa_shape_problem, kv_replicas_for_rank, query_head_indices_for_rank
-from ..transformations.names import SUPPORTED_PEFT_TYPES, is_lora_parameter
-from ..transformations.spec_fields import FUSE_AXES, QKV, FusedLinearsFields, GQAQKVFields
-from .provenance import ColumnGather, Piece, Provenance, RowCopy
+from ..errors import SpecError
+from ..transformations.pieces import OriginalLayout, SavedLayout, Shape, original_layouts, replicated, sharded
+from ..transformations.names import SUPPORTED_PEFT_TYPES
+from ..transformations.spec_fields import FUSE_AXES, FusedLinearsFields, GQAQKVFields
 
-Shape = tuple[int, ...]
 
 
 class Unsupported(Exception):
     """The torch-free engine cannot vouch for this checkpoint; the torch engine takes it (and reports errors)."""
 
 
-@dataclass(frozen=True)
-class Output:
-    """One rebuilt weight: its name, shape, the index (in the group) of the saved tensor its bytes and dtype come
-    from, and where in that tensor's rank shards the bytes are."""
-
-    name: str
-    shape: Shape
-    source: int
-    provenance: Provenance
+Output = OriginalLayout  # one rebuilt weight: name, shape, source index in the group, provenance
 
 
 @dataclass(frozen=True)
@@ -61,24 +52,42 @@ class GroupShapes:
         return shape
 
 
-class DeclaredSpec(Protocol):
+class LaidOutSpec(Protocol):
+    """A spec with a piece map: a spec object, or a declared layout below."""
+
     tp_size: int
 
-    def relevant_names(self, module: str) -> set[str]:
-        """What the spec's ``get_relevant_parameter_names`` returns (the names its module's group claims)."""
+    def get_relevant_parameter_names(self, module_fully_qualified_name: str) -> set[str]: ...
 
-    def outputs(self, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
-        """(the weights its ``to_original_weights`` rebuilds from ``group``, in its order; the names it consumes)."""
+    def saved_layouts(self, module_fully_qualified_name: str, shapes: Mapping[str, Sequence[Shape]]) -> list[SavedLayout]: ...
+
+
+def spec_outputs(spec: LaidOutSpec, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
+    """(the weights the spec's ``to_original_weights`` rebuilds from ``group``, in its order; the names it
+    consumes), from its piece map; `Unsupported` where the map refuses the shapes."""
+    relevant = spec.get_relevant_parameter_names(module)
+    shapes = {n: [group.shape(n)] * group.tp_size for n in group.names if n in relevant}
+    try:
+        layouts = spec.saved_layouts(module, shapes)
+        outputs = original_layouts(layouts, {n: shape[0] for n, shape in shapes.items()}, group.names)
+    except SpecError as err:
+        raise Unsupported(str(err)) from None
+    return outputs, list(dict.fromkeys(layout.name for layout in layouts))
 
 
 class _Layout:
-    """Base of the declared layouts. Each takes its fields, and the names its spec claims
-    (``get_relevant_parameter_names``), from the spec's field class in `transformations.spec_fields`. Like those
-    classes, the layouts are not frozen: a frozen dataclass may not inherit a non-frozen one. They are built once
-    from a checkpoint's metadata and only read."""
+    """Base of the declared layouts: a spec's field class (`transformations.spec_fields`, its fields, claimed
+    names and piece map) read from metadata. Like those classes, not frozen (a frozen dataclass may not inherit a
+    non-frozen one); built once from a checkpoint's metadata and only read."""
 
     def relevant_names(self, module: str) -> set[str]:
         return self.get_relevant_parameter_names(module)  # type: ignore[attr-defined]
+
+    def outputs(self, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
+        return spec_outputs(self, module, group)  # type: ignore[arg-type]
+
+
+DeclaredSpec = _Layout
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -117,40 +126,8 @@ def _declared_kinds(field_class: type) -> tuple[dict[str, type], dict[str, tuple
     return required, optional
 
 
-def _merged(pieces: Sequence[Piece]) -> tuple[Piece, ...]:
-    """Adjacent pieces of the same shard that continue each other, as one (the form `derive` decodes to)."""
-    out: list[list[int]] = []
-    for k, r, first, stop in pieces:
-        if out and out[-1][0] == k and out[-1][1] == r and out[-1][3] == first:
-            out[-1][3] = stop
-        else:
-            out.append([k, r, first, stop])
-    return tuple(tuple(p) for p in out)  # type: ignore[misc]
-
-
-def _rows(pieces: Sequence[Piece]) -> RowCopy:
-    return RowCopy(_merged(pieces))
-
-
-def _columns(pieces: Sequence[Piece], shape: Shape, name: str, source_shape: Shape) -> Provenance:
-    """A column gather; one that takes every column of one shard (tp = 1) is that shard's rows, copied as such."""
-    if len(shape) != 2:
-        raise Unsupported(f"{name}: a column gather of a {len(shape)}-D tensor")
-    merged = _merged(pieces)
-    if len(merged) == 1 and merged[0][2:] == (0, source_shape[1]):
-        k, r, _, _ = merged[0]
-        return RowCopy(((k, r, 0, source_shape[0]),))
-    return ColumnGather(merged)
-
-
-def _check_no_lora(group: GroupShapes, relevant: set[str]) -> None:
-    lora = [n for n in group.names if n in relevant and is_lora_parameter(n)]
-    if lora:
-        raise Unsupported(f"{lora[0]}: LoRA tensors are left to the torch engine")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
-# GQAQKVColumnParallelLinearSpec (transformations/gqa_qkv.py)
+# The built-in specs (`transformations.gqa_qkv`, `transformations.fused_linears`): their field classes, read from metadata
 
 
 @dataclass
@@ -159,87 +136,10 @@ class DeclaredGQAQKV(GQAQKVFields, _Layout):
     def from_fields(cls, data: Any) -> "DeclaredGQAQKV":
         where = "GQAQKVColumnParallelLinearSpec"
         spec = cls(**_fields(data, *_declared_kinds(GQAQKVFields), where))
-        problem = gqa_shape_problem(spec.tp_size, spec.num_attention_heads, spec.num_key_value_heads, spec.kv_size_multiplier)
-        if problem is not None or spec.kv_layout not in KV_LAYOUTS:
-            raise Unsupported(f"{where}: {problem or spec.kv_layout}")
-        q_total = spec.q_output_size_per_partition * spec.tp_size
-        expected_kv = spec.num_key_value_heads * spec.kv_size_multiplier * spec.head_dim // spec.tp_size
-        if q_total % spec.num_attention_heads or spec.kv_output_size_per_partition != expected_kv:
-            raise Unsupported(f"{where}: partition sizes disagree with the head counts")
+        problem = spec.field_problem()
+        if problem is not None:
+            raise Unsupported(f"{where}: {problem}")
         return spec
-
-    def _query_slots(self) -> list[tuple[int, int]]:
-        """(rank, local slot) holding each original query head, in head order."""
-        where = {}
-        for rank in range(self.tp_size):
-            heads = query_head_indices_for_rank(
-                self.tp_size, rank, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, self.kv_layout
-            )
-            where.update({head: (rank, slot) for slot, head in enumerate(heads)})
-        return [where[h] for h in range(self.num_attention_heads)]
-
-    def _kv_slots(self) -> list[tuple[int, int]]:
-        """(rank, local slot) of replica 0 of each original key/value head, in head order."""
-        where = {}
-        for rank in range(self.tp_size):
-            slots = kv_replicas_for_rank(self.tp_size, rank, self.num_key_value_heads, self.kv_size_multiplier, self.kv_layout)
-            where.update({head: (rank, slot) for slot, (head, replica) in enumerate(slots) if replica == 0})
-        return [where[h] for h in range(self.num_key_value_heads)]
-
-    def _original_rows(self, which: str, k: int, offset: int, local_rows: int, trailing: Shape, name: str) -> tuple[Shape, RowCopy]:
-        if which == "q":  # the query heads of all ranks, concatenated, put back in head order
-            total = local_rows * self.tp_size
-            if total % self.num_attention_heads:
-                raise Unsupported(f"{name}: {total} query rows are not whole heads")
-            block = total // self.num_attention_heads
-            pieces = [(k, r, offset + j * block, offset + (j + 1) * block) for r, j in self._query_slots()]
-            return (total, *trailing), _rows(pieces)
-        hd = self.head_dim  # key/value: replica 0 of every head
-        pieces = [(k, r, offset + j * hd, offset + (j + 1) * hd) for r, j in self._kv_slots()]
-        return (self.num_key_value_heads * hd, *trailing), _rows(pieces)
-
-    def outputs(self, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
-        m, gqa = module, self.gqa_qkv_projection_name
-        _check_no_lora(group, self.relevant_names(module))
-        present = set(group.names)
-        rows = self._local_rows()
-        outputs, consumed = [], []
-        for param in self._param_names:
-            found: dict[str, tuple[str, int]] = {}  # projection -> (saved name, first row of its part)
-            fused = f"{m}.{gqa}.{param}_qkv"
-            if fused in present:
-                if group.shape(fused)[0] != sum(rows.values()):
-                    raise Unsupported(f"{fused}: rows disagree with the spec")
-                found.update({"q": (fused, 0), "k": (fused, rows["q"]), "v": (fused, rows["q"] + rows["k"])})
-                consumed.append(fused)
-            for s in QKV:
-                name = f"{m}.{gqa}.{param}_{s}"
-                if name in present:
-                    if group.shape(name)[0] != rows[s]:
-                        raise Unsupported(f"{name}: rows disagree with the spec")
-                    found[s] = (name, 0)
-                    consumed.append(name)
-            for s, (name, offset) in found.items():
-                shape = group.shape(name)
-                k = group.index(name)
-                out_shape, provenance = self._original_rows(s, k, offset, rows[s], shape[1:], name)
-                outputs.append(Output(f"{m}.{self._projection_names[s]}.{param}", out_shape, k, provenance))
-        o_weight = f"{m}.{self.output_projection_name}.weight"
-        if o_weight in present:  # row parallel: its columns follow the query head permutation
-            shape = group.shape(o_weight)
-            k = group.index(o_weight)
-            if len(shape) != 2 or (shape[1] * self.tp_size) % self.num_attention_heads:
-                raise Unsupported(f"{o_weight}: columns are not whole query heads")
-            block = shape[1] * self.tp_size // self.num_attention_heads
-            pieces = [(k, r, j * block, (j + 1) * block) for r, j in self._query_slots()]
-            out_shape = (shape[0], shape[1] * self.tp_size)
-            outputs.append(Output(o_weight, out_shape, k, _columns(pieces, out_shape, o_weight, shape)))
-            consumed.append(o_weight)
-        return outputs, consumed
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# FusedLinearsSpec (transformations/fused_linears.py)
 
 
 @dataclass
@@ -257,38 +157,11 @@ class DeclaredFusedLinears(FusedLinearsFields, _Layout):
             raise Unsupported(f"{where}: linear_names {names!r} / original_dims {dims!r}")
         if not all(type(d) is int and d % tp == 0 for d in dims):
             raise Unsupported(f"{where}: original_dims {dims!r} over tp_size={tp}")
-        return cls(fields["fused_linear_name"], tuple(names), fields["bias"], FUSE_AXES[fuse_axis], tuple(dims), tp)
-
-    def outputs(self, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
-        m, fused = module, self.fused_linear_name
-        _check_no_lora(group, self.relevant_names(module))
-        outputs, consumed = [], []
-        local = [d // self.tp_size for d in self.original_dims]
-        for param in self._param_names:
-            name = f"{m}.{fused}.{param}"
-            if name not in group.names:
-                continue
-            shape, k = group.shape(name), group.index(name)
-            if param == "bias" and self.fuse_axis == 1:  # row fusion: the biases are whole on every rank
-                count = len(self.linear_names)
-                if len(shape) != 1 or shape[0] % count:
-                    raise Unsupported(f"{name}: not {count} concatenated biases")
-                size = shape[0] // count
-                for i, lin in enumerate(self.linear_names):
-                    outputs.append(Output(f"{m}.{lin}.{param}", (size,), k, _rows([(k, 0, i * size, (i + 1) * size)])))
-            else:  # each rank holds [shard_r(W_0) ; shard_r(W_1) ; ...] along the fuse axis
-                dim = self.fuse_axis if param == "weight" else 0
-                if len(shape) <= dim or shape[dim] != sum(local):
-                    raise Unsupported(f"{name}: {shape} does not hold the fused shards along dim {dim}")
-                start = 0
-                for lin, size in zip(self.linear_names, local):
-                    pieces = [(k, r, start, start + size) for r in range(self.tp_size)]
-                    out_shape = tuple(size * self.tp_size if d == dim else n for d, n in enumerate(shape))
-                    provenance = _rows(pieces) if dim == 0 else _columns(pieces, out_shape, name, shape)
-                    outputs.append(Output(f"{m}.{lin}.{param}", out_shape, k, provenance))
-                    start += size
-            consumed.append(name)
-        return outputs, consumed
+        spec = cls(fields["fused_linear_name"], tuple(names), fields["bias"], FUSE_AXES[fuse_axis], tuple(dims), tp)
+        problem = spec.field_problem()
+        if problem is not None:
+            raise Unsupported(f"{where}: {problem}")
+        return spec
 
 
 # Spec class name (as registered in `transformations.base.SPEC_REGISTRY` and written in metadata) -> its layout.
@@ -319,32 +192,39 @@ def check_parameter_entry(name: str, entry: Any, tp_size: int) -> None:
             raise Unsupported(f"{name}: parameter entry {entry!r}")
 
 
-def parameter_output(name: str, group: GroupShapes, entry: Mapping[str, Any]) -> Output:
-    """Replicated: rank 0's copy. Sharded along dim d with stride s: each rank's shard cut in s chunks, chunk j of
-    every rank in turn (`sharding.unshard_tensors`); rows for d = 0, columns for d = 1."""
-    shape, k = group.shape(name), group.index(name)
-    check_parameter_entry(name, entry, group.tp_size)
+def parameter_layout(name: str, shape: Shape, entry: Mapping[str, Any], tp_size: int) -> SavedLayout:
+    """Replicated: whole on every rank (rank 0's copy is read back). Sharded along dim d with stride s: each
+    rank's shard cut in s chunks, chunk j of every rank in turn (`sharding.unshard_tensors`)."""
+    check_parameter_entry(name, entry, tp_size)
     if not entry["tensor_model_parallel"]:
-        return Output(name, shape, k, _rows([(k, 0, 0, shape[0])]))
+        return replicated(name, name, shape[0], tp_size)
     dim, stride = entry["partition_dim"], entry["partition_stride"]
     if dim >= len(shape) or shape[dim] % stride:
         raise Unsupported(f"{name}: {shape} cannot be split along dim {dim} in {stride}")
-    chunk = shape[dim] // stride
-    pieces = [(k, r, j * chunk, (j + 1) * chunk) for j in range(stride) for r in range(group.tp_size)]
-    out_shape = tuple(n * group.tp_size if d == dim else n for d, n in enumerate(shape))
-    return Output(name, out_shape, k, _rows(pieces) if dim == 0 else _columns(pieces, out_shape, name, shape))
+    return sharded(name, name, shape[dim] * tp_size, tp_size, dim, stride)
+
+
+def parameter_output(name: str, group: GroupShapes, entry: Mapping[str, Any]) -> Output:
+    shape = group.shape(name)
+    try:
+        (output,) = original_layouts([parameter_layout(name, shape, entry, group.tp_size)], {name: shape}, group.names)
+    except SpecError as err:
+        raise Unsupported(str(err)) from None
+    return output
 
 
 def group_outputs(
-    module: str | None, specs: Sequence[DeclaredSpec], group: GroupShapes, parameters: Mapping[str, Mapping[str, Any]]
+    module: str | None, specs: Sequence[LaidOutSpec], group: GroupShapes, parameters: Mapping[str, Mapping[str, Any]]
 ) -> list[Output]:
     """What `transformations.model.to_original_weights` rebuilds from one group, in its order: each spec's
     outputs, then every saved tensor no spec consumed, as a parameter."""
     outputs: list[Output] = []
     consumed: set[str] = set()
     for spec in specs:
-        spec_outputs, spec_consumed = spec.outputs(module, group)  # type: ignore[arg-type]
-        outputs += spec_outputs
+        if not hasattr(spec, "saved_layouts"):
+            raise Unsupported(f"{type(spec).__name__} has no piece map")
+        found, spec_consumed = spec_outputs(spec, module, group)  # type: ignore[arg-type]
+        outputs += found
         consumed.update(spec_consumed)
     for name in group.names:
         if name not in consumed:

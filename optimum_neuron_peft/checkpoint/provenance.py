@@ -26,11 +26,11 @@ The provenance types are torch-free (the torch-free consolidation path declares 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from ..errors import OptimumNeuronPeftError
+from ..transformations.pieces import ColumnGather, Piece, Provenance, RowCopy, row_bytes  # noqa: F401 (moved there)
 
 if TYPE_CHECKING:
     import torch
@@ -38,24 +38,6 @@ if TYPE_CHECKING:
 SHIFT = 1 << 44  # second row/column of an index tensor: the first plus this
 _BASES = (1 << 20, 1 << 36)  # two id bases; both runs must decode to the same provenance
 
-Piece = tuple[int, int, int, int]  # (source index, tp rank, first, stop): rows for RowCopy, columns for ColumnGather
-
-
-@dataclass(frozen=True)
-class RowCopy:
-    """The output is rows [first, stop) of each piece's shard, concatenated along dim 0 in this order."""
-
-    pieces: tuple[Piece, ...]
-
-
-@dataclass(frozen=True)
-class ColumnGather:
-    """A 2-D output whose every row ``i`` is, in this order, columns [first, stop) of row ``i`` of each piece's shard."""
-
-    pieces: tuple[Piece, ...]
-
-
-Provenance = RowCopy | ColumnGather
 Rebuild = Callable[[dict[str, list["torch.Tensor"]]], dict[str, "torch.Tensor"]]
 
 
@@ -218,8 +200,3 @@ def _pieces(ids: torch.Tensor, bases: list[list[int]], sources, axis: int) -> tu
 
 def _length(shape: tuple[int, ...], axis: int) -> int:
     return shape[axis] if axis < len(shape) else 0
-
-
-def row_bytes(shape: Sequence[int], itemsize: int) -> int:
-    """Bytes of one dim-0 row of a tensor of ``shape`` (the whole tensor's element size when 1-D)."""
-    return math.prod(shape[1:]) * itemsize

@@ -54,7 +54,9 @@ class ModelWeightTransformationSpec(ABC):
     """How the weights of some original linears map to the weights of one custom module, for every tp rank.
 
     Subclasses implement the six operations below. Names passed in and out have no adapter name (PEFT removes it
-    when saving) and no ``base_layer`` component.
+    when saving) and no ``base_layer`` component. A spec that only moves data also defines
+    ``saved_layouts(module, shapes)``, its piece map (`pieces`, see `spec_fields`): ``to_original_weights`` is
+    then `pieces_torch.spec_to_original`, and consolidation copies its bytes instead of rebuilding tensors.
     """
 
     # Set by `specialize_transformation_specs_for_model`: None for a plain model, "lora" once LoRA wraps the module.

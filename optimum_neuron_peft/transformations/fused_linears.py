@@ -12,6 +12,10 @@ LoRA (names without adapter name), one adapter pair per original linear so train
 ``<fused>.lora_A.weight_<linear>`` and ``<fused>.lora_B.weight_<linear>``; lora_B is sharded for column fusion
 (dim 0), lora_A for row fusion (dim 1). optimum-neuron's shared ``<fused>.lora_A.weight`` with a fused
 ``<fused>.lora_B.weight`` (column fusion) is read too: its lora_A is duplicated for each linear.
+
+That layout is written once, as a piece map (`spec_fields.FusedLinearsFields.saved_layouts`): the fused base
+weights are gathered from it, ``to_original_weights`` runs its inverse (`pieces_torch`), and the consolidation
+copies bytes from it (`checkpoint.declared`).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
 from .parallel_plan import COLUMN, LORA_PARTITION_DIM, ROW
 from .peft_targets import FusedModuleSpec
-from .sharding import gather_blocks, materialize, shard_ranges, shard_tensor, tensor_shape, unshard_tensors
+from .pieces_torch import gather_saved, spec_to_original
+from .sharding import materialize, shard_tensor, tensor_shape
 from .spec_fields import FUSE_AXES, FusedLinearsFields
 
 
@@ -99,13 +104,12 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                 raise SpecError(f"{m}.{fused}.{param}: missing original tensors {missing} to build the fused {param}")
             for i, name in enumerate(names):
                 self._check_original(name, state_dict[name], i, param)
+            name = f"{m}.{fused}.{param}"
             if param == "bias" and self.fuse_axis == 1:
-                pieces = [materialize(state_dict[n]) for n in names]  # row fusion: biases stay whole
-                local[f"{m}.{fused}.{param}"] = torch.cat(pieces, dim=0)
+                layout = self.concatenated_layout(name, names, [tensor_shape(state_dict[n])[0] for n in names])
             else:
-                dim = self.fuse_axis if param == "weight" else 0
-                pieces = [(state_dict[n], shard_ranges(state_dict[n], dim, self.tp_size, tp_rank, name=n)) for n in names]
-                local[f"{m}.{fused}.{param}"] = gather_blocks(pieces, dim)
+                layout = self.fused_layout(name, names, self.fuse_axis if param == "weight" else 0)
+            local[name] = gather_saved(layout, tp_rank, state_dict)
             consumed += names
         # LoRA: lora_B of a column-fused linear and lora_A of a row-fused one are sharded like the base weight.
         sharded, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
@@ -121,18 +125,7 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                 consumed.append(name)
         return local, consumed
 
-    def _unfuse(self, name: str, shards: Sequence[torch.Tensor], dim: int) -> list[torch.Tensor]:
-        """Split each rank's fused tensor per linear along ``dim`` and rebuild each linear's full tensor."""
-        local_dims = self._local_dims()
-        per_rank = []
-        for rank, shard in enumerate(shards):
-            if shard.dim() <= dim or shard.shape[dim] != sum(local_dims):
-                raise SpecError(
-                    f"{name}: rank {rank} holds shape {tuple(shard.shape)}, expected {sum(local_dims)} entries along "
-                    f"dim {dim} (original dims {self.original_dims} / tp_size {self.tp_size})"
-                )
-            per_rank.append(shard.split(local_dims, dim=dim))
-        return [unshard_tensors([pieces[i] for pieces in per_rank], dim, name=name) for i in range(len(local_dims))]
+    # -- local -> original: the inverse of `saved_layouts` (spec_fields.FusedLinearsFields) ---------------------------
 
     def to_original_weights(
         self,
@@ -140,46 +133,4 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
         sharded_state_dicts: Mapping[str, Sequence[torch.Tensor]],
         parameters_metadata: Mapping[str, Mapping[str, Any]],
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        m, fused = module_fully_qualified_name, self.fused_linear_name
-        original: dict[str, torch.Tensor] = {}
-        consumed: list[str] = []
-        for param in self._param_names:
-            name = f"{m}.{fused}.{param}"
-            if name not in sharded_state_dicts:
-                continue
-            shards = self._ranks(name, sharded_state_dicts)
-            if param == "bias" and self.fuse_axis == 1:
-                whole = shards[0]
-                if whole.shape != (len(self.linear_names) * (whole.shape[0] // len(self.linear_names)),):
-                    raise SpecError(f"{name}: expected concatenated biases of equal size, found shape {tuple(whole.shape)}")
-                pieces = whole.chunk(len(self.linear_names))
-            else:
-                pieces = self._unfuse(name, shards, self.fuse_axis if param == "weight" else 0)
-            for lin, piece in zip(self.linear_names, pieces):
-                original[f"{m}.{lin}.{param}"] = piece.contiguous()
-            consumed.append(name)
-        sharded, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
-        for lin in self.linear_names:
-            for lora in ("lora_A", "lora_B"):
-                name = f"{m}.{fused}.{lora}.weight_{lin}"
-                if name not in sharded_state_dicts:
-                    continue
-                shards = self._ranks(name, sharded_state_dicts)
-                full = unshard_tensors(shards, sharded_dim, name=name) if lora == sharded else shards[0]
-                original[f"{m}.{lin}.{lora}.weight"] = full.contiguous()
-                consumed.append(name)
-        # optimum-neuron's layout: one lora_A shared by the fused linears and a fused lora_B (column fusion only).
-        shared_a, fused_b = f"{m}.{fused}.lora_A.weight", f"{m}.{fused}.lora_B.weight"
-        if shared_a in sharded_state_dicts or fused_b in sharded_state_dicts:
-            if self.fuse_axis != 0:
-                raise SpecError(f"{shared_a}: a shared LoRA on a row-fused linear cannot be split into its linears")
-            if shared_a in sharded_state_dicts:
-                a = self._ranks(shared_a, sharded_state_dicts)[0]
-                for lin in self.linear_names:
-                    original[f"{m}.{lin}.lora_A.weight"] = a.clone()
-                consumed.append(shared_a)
-            if fused_b in sharded_state_dicts:
-                for lin, b in zip(self.linear_names, self._unfuse(fused_b, self._ranks(fused_b, sharded_state_dicts), 0)):
-                    original[f"{m}.{lin}.lora_B.weight"] = b.contiguous()
-                consumed.append(fused_b)
-        return original, consumed
+        return spec_to_original(self, module_fully_qualified_name, sharded_state_dicts)

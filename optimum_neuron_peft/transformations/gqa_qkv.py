@@ -10,6 +10,10 @@ replicated: the base layer is column parallel) and ``qkv_proj.lora_B.weight_{q,k
 weights). optimum-neuron's shared ``qkv_proj.lora_A.weight`` is duplicated for q, k and v, and its fused lora_B
 (``lora_B.weight_qkv`` or ``lora_B.weight``) is split. ``o_proj.lora_A.weight`` (sharded along its columns) follows
 the output permutation; ``o_proj.lora_B.weight`` is replicated and left to the generic path.
+
+That layout is written once, as a piece map (`spec_fields.GQAQKVFields.saved_layouts`, head placement from
+`gqa_layout`): ``adapt_state_dict`` gathers each rank's tensors from it, ``to_original_weights`` runs its inverse
+(`pieces_torch`), and the consolidation copies bytes from it (`checkpoint.declared`).
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from .gqa_layout import (
     KVLayout,
     check_gqa_shape,
     default_kv_size_multiplier,
-    kv_replicas_for_rank,
+    kv_head_indices_for_rank,
     query_head_indices_for_rank,
 )
-from .sharding import gather_blocks, take_blocks, tensor_shape
+from .pieces import merge_blocks
+from .pieces_torch import gather_saved, spec_to_original
+from .sharding import take_blocks, tensor_shape
 from .spec_fields import QKV, GQAQKVFields
 
 
@@ -90,27 +96,17 @@ def kv_blocks(
             f"partitions of {output_size_per_partition} rows, but {rows}*{kv_size_multiplier} != "
             f"{output_size_per_partition}*{tp_size}"
         )
-    start, stop = tp_rank * output_size_per_partition, (tp_rank + 1) * output_size_per_partition
-    blocks = []
-    if kv_layout == "tiled":
-        # Rows [start, stop) of the tensor repeated m times along dim 0, read as runs of the original rows.
-        pos = start
-        while pos < stop:
-            offset = pos % rows
-            length = min(rows - offset, stop - pos)
-            blocks.append((offset, offset + length))
-            pos += length
+    if kv_layout == "tiled":  # tiled replication does not depend on the head size: place single rows
+        heads, head_dim = rows, 1
+    elif num_key_value_heads is None or rows % num_key_value_heads:
+        raise SpecError(
+            f"key/value projection: the interleaved layout needs num_key_value_heads dividing {rows} rows, "
+            f"got {num_key_value_heads}"
+        )
     else:
-        if num_key_value_heads is None or rows % num_key_value_heads:
-            raise SpecError(
-                f"key/value projection: the interleaved layout needs num_key_value_heads dividing {rows} rows, "
-                f"got {num_key_value_heads}"
-            )
-        head_dim = rows // num_key_value_heads
-        for pos in range(start, stop, head_dim):
-            head = (pos // head_dim) // kv_size_multiplier  # replicas of a head are adjacent
-            blocks.append((head * head_dim, (head + 1) * head_dim))
-    return blocks
+        heads, head_dim = num_key_value_heads, rows // num_key_value_heads
+    placed = kv_head_indices_for_rank(tp_size, tp_rank, heads, kv_size_multiplier, kv_layout)
+    return merge_blocks([(h * head_dim, (h + 1) * head_dim) for h in placed])
 
 
 def create_kv_proj_local_weight_from_regular_weight(
@@ -227,23 +223,6 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
 
     # -- original -> local --------------------------------------------------------------------------------------
 
-    def _local_row_blocks(self, which: str, tensor: Any, tp_rank: int) -> list[tuple[int, int]]:
-        """The row ranges of an original q/k/v tensor (weight, bias or lora_B) this rank holds, in GQA layer order."""
-        rows = tensor_shape(tensor)[0]
-        if which == "q":
-            return query_or_output_blocks(
-                rows, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, "query",
-                self.tp_size, tp_rank, self.kv_layout,
-            )  # fmt: skip
-        return kv_blocks(
-            rows, self.kv_size_multiplier, self.kv_output_size_per_partition, self.tp_size, tp_rank,
-            self.num_key_value_heads, self.kv_layout,
-        )  # fmt: skip
-
-    def _local_rows_of(self, which: str, tensor: Any, tp_rank: int) -> torch.Tensor:
-        """This rank's rows of an original q/k/v tensor, laid out for the GQA layer."""
-        return take_blocks(tensor, 0, self._local_row_blocks(which, tensor, tp_rank))
-
     def _check_rows(self, name: str, tensor: Any, which: str) -> None:
         heads = self.num_attention_heads if which == "q" else self.num_key_value_heads
         rows = tensor_shape(tensor)[0]
@@ -267,15 +246,14 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
                 missing = [n for n in names.values() if n not in state_dict]
                 raise SpecError(f"{m}.{gqa}: missing original tensors {missing} to build the GQA QKV {param}")
             if present:
-                blocks = {}
                 for s in QKV:
                     self._check_rows(names[s], state_dict[names[s]], s)
-                    blocks[s] = self._local_row_blocks(s, state_dict[names[s]], tp_rank)
                 if self.fuse_qkv:
-                    parts = [(state_dict[names[s]], blocks[s]) for s in QKV]
-                    local[f"{m}.{gqa}.{param}_qkv"] = gather_blocks(parts, 0)
+                    saved = {f"{m}.{gqa}.{param}_qkv": names}
                 else:
-                    local.update({f"{m}.{gqa}.{param}_{s}": take_blocks(state_dict[names[s]], 0, blocks[s]) for s in QKV})
+                    saved = {f"{m}.{gqa}.{param}_{s}": {s: names[s]} for s in QKV}
+                for name, originals in saved.items():
+                    local[name] = gather_saved(self.qkv_layout(name, originals), tp_rank, state_dict)
                 consumed += list(names.values())
         o_weight = f"{m}.{self.output_projection_name}.weight"
         if o_weight in state_dict:
@@ -289,7 +267,8 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
                 consumed.append(a)
             if b in state_dict:
                 self._check_rows(b, state_dict[b], s)
-                local[f"{m}.{gqa}.lora_B.weight_{s}"] = self._local_rows_of(s, state_dict[b], tp_rank)
+                name = f"{m}.{gqa}.lora_B.weight_{s}"
+                local[name] = gather_saved(self.qkv_layout(name, {s: b}), tp_rank, state_dict)
                 consumed.append(b)
         o_lora_a = f"{m}.{self.output_projection_name}.lora_A.weight"
         if o_lora_a in state_dict:
@@ -309,50 +288,7 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
             self.tp_size, tp_rank, self.kv_layout,
         )
 
-    # -- local -> original --------------------------------------------------------------------------------------
-
-    def _query_order(self) -> torch.Tensor:
-        """Position of each original query head in the concatenation of all ranks' query heads."""
-        order = torch.cat([
-            self.compute_query_indices_for_rank(
-                self.tp_size, r, self.num_attention_heads, self.num_key_value_heads, self.kv_size_multiplier, self.kv_layout
-            )
-            for r in range(self.tp_size)
-        ])
-        return torch.argsort(order)
-
-    def _unpermute_query(self, shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
-        stacked = torch.cat(list(shards), dim=dim)
-        heads = stacked.unflatten(dim, (self.num_attention_heads, -1))
-        return heads.index_select(dim, self._query_order()).flatten(dim, dim + 1)
-
-    def _unreplicate_kv(self, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Rebuild the original key/value rows from replica 0 of every head."""
-        hd = self.head_dim
-        out = shards[0].new_empty((self.num_key_value_heads * hd, *shards[0].shape[1:]))
-        seen = set()
-        for rank, shard in enumerate(shards):
-            slots = kv_replicas_for_rank(self.tp_size, rank, self.num_key_value_heads, self.kv_size_multiplier, self.kv_layout)
-            for slot, (head, replica) in enumerate(slots):
-                if replica == 0:
-                    out[head * hd : (head + 1) * hd] = shard[slot * hd : (slot + 1) * hd]
-                    seen.add(head)
-        assert len(seen) == self.num_key_value_heads  # guaranteed by check_gqa_shape
-        return out
-
-    def _check_shards(self, name: str, shards: Sequence[torch.Tensor], rows: int) -> None:
-        for rank, shard in enumerate(shards):
-            if shard.shape[0] != rows:
-                raise SpecError(f"{name}: rank {rank} holds shape {tuple(shard.shape)}, expected {rows} rows")
-
-    def _split_qkv(self, name: str, shards: Sequence[torch.Tensor]) -> dict[str, list[torch.Tensor]]:
-        rows = self._local_rows()
-        self._check_shards(name, shards, sum(rows.values()))
-        split = [s.split([rows[x] for x in QKV], dim=0) for s in shards]
-        return {x: [parts[i] for parts in split] for i, x in enumerate(QKV)}
-
-    def _original_rows(self, which: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
-        return (self._unpermute_query(shards, 0) if which == "q" else self._unreplicate_kv(shards)).contiguous()
+    # -- local -> original: the inverse of `saved_layouts` (spec_fields.GQAQKVFields) ------------------------------
 
     def to_original_weights(
         self,
@@ -360,54 +296,4 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
         sharded_state_dicts: Mapping[str, Sequence[torch.Tensor]],
         parameters_metadata: Mapping[str, Mapping[str, Any]],
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
-        m, gqa, proj = module_fully_qualified_name, self.gqa_qkv_projection_name, self._projection_names
-        ssd = sharded_state_dicts
-        original: dict[str, torch.Tensor] = {}
-        consumed: list[str] = []
-
-        def rows_per_projection(prefix: str, fused_names: Sequence[str]) -> dict[str, list[torch.Tensor]]:
-            """Per-projection shards from either separate ``<prefix>_{q,k,v}`` or one fused tensor."""
-            found = {}
-            for fused in fused_names:
-                if fused in ssd:
-                    found.update(self._split_qkv(fused, self._ranks(fused, ssd)))
-                    consumed.append(fused)
-                    break
-            for s in QKV:
-                name = f"{prefix}_{s}"
-                if name in ssd:
-                    shards = self._ranks(name, ssd)
-                    self._check_shards(name, shards, self._local_rows()[s])
-                    found[s] = shards
-                    consumed.append(name)
-            return found
-
-        for param in self._param_names:
-            for s, shards in rows_per_projection(f"{m}.{gqa}.{param}", [f"{m}.{gqa}.{param}_qkv"]).items():
-                original[f"{m}.{proj[s]}.{param}"] = self._original_rows(s, shards)
-        o_weight = f"{m}.{self.output_projection_name}.weight"
-        if o_weight in ssd:
-            original[o_weight] = self._unpermute_query(self._ranks(o_weight, ssd), 1).contiguous()
-            consumed.append(o_weight)
-
-        # LoRA B (separate, or fused by optimum-neuron as lora_B.weight_qkv / lora_B.weight)
-        fused_b = [f"{m}.{gqa}.lora_B.weight_qkv", f"{m}.{gqa}.lora_B.weight"]
-        for s, shards in rows_per_projection(f"{m}.{gqa}.lora_B.weight", fused_b).items():
-            original[f"{m}.{proj[s]}.lora_B.weight"] = self._original_rows(s, shards)
-        # LoRA A: ours per projection, optimum-neuron's shared one duplicated for each projection it serves.
-        for s in QKV:
-            name = f"{m}.{gqa}.lora_A.weight_{s}"
-            if name in ssd:
-                original[f"{m}.{proj[s]}.lora_A.weight"] = self._ranks(name, ssd)[0].contiguous()
-                consumed.append(name)
-        shared = f"{m}.{gqa}.lora_A.weight"
-        if shared in ssd:
-            a = self._ranks(shared, ssd)[0]
-            for s in QKV:
-                original[f"{m}.{proj[s]}.lora_A.weight"] = a.clone()
-            consumed.append(shared)
-        o_lora_a = f"{m}.{self.output_projection_name}.lora_A.weight"
-        if o_lora_a in ssd:
-            original[o_lora_a] = self._unpermute_query(self._ranks(o_lora_a, ssd), 1).contiguous()
-            consumed.append(o_lora_a)
-        return original, consumed
+        return spec_to_original(self, module_fully_qualified_name, sharded_state_dicts)

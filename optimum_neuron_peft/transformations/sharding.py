@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import SpecError
+from .pieces import merge_blocks, shard_blocks  # the block arithmetic, torch-free
 
 TensorLike = Any  # torch.Tensor, or a lazy slice with .shape / get_shape() and basic slicing
 
@@ -43,17 +44,6 @@ def materialize(t: TensorLike) -> torch.Tensor:
     if hasattr(t, "load"):
         return t.load()
     return t[(slice(None),) * len(tensor_shape(t))]
-
-
-def merge_blocks(blocks: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
-    """``[start, stop)`` blocks with adjacent ones merged, so each run is one read."""
-    merged: list[list[int]] = []
-    for start, stop in blocks:
-        if merged and merged[-1][1] == start:
-            merged[-1][1] = stop
-        else:
-            merged.append([start, stop])
-    return [(start, stop) for start, stop in merged]
 
 
 def take_blocks(t: TensorLike, dim: int, blocks: Sequence[tuple[int, int]]) -> torch.Tensor:
@@ -93,18 +83,6 @@ def gather_blocks(parts: Sequence[tuple[TensorLike, Sequence[tuple[int, int]]]],
 def _check_rank(tp_size: int, tp_rank: int, what: str) -> None:
     if tp_size < 1 or not 0 <= tp_rank < tp_size:
         raise SpecError(f"{what}: expected 0 <= tp_rank < tp_size, got tp_rank={tp_rank}, tp_size={tp_size}")
-
-
-def shard_blocks(full_size: int, tp_size: int, tp_rank: int, stride: int = 1) -> list[tuple[int, int]]:
-    """The ``[start, stop)`` ranges of a dimension of ``full_size`` that ``tp_rank`` holds with ``stride``."""
-    chunks = tp_size * stride
-    if full_size % chunks != 0:
-        raise SpecError(
-            f"cannot shard a dimension of size {full_size} over tp_size={tp_size} with stride={stride}: "
-            f"the size must be a multiple of tp_size * stride = {chunks}"
-        )
-    chunk = full_size // chunks
-    return [((tp_rank + i * tp_size) * chunk, (tp_rank + i * tp_size + 1) * chunk) for i in range(stride)]
 
 
 def shard_ranges(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optimum_neuron_peft.checkpoint.consolidate import consolidate, plan_consolidation
-from optimum_neuron_peft.checkpoint.provenance import ColumnGather, RowCopy, SourceInfo, derive
+from optimum_neuron_peft.transformations.pieces import ColumnGather, RowCopy
 
 from consolidation_helpers import (
     adapter_state,
@@ -20,6 +20,7 @@ from consolidation_helpers import (
     write_optimum_neuron,
     write_ours,
 )
+from provenance_oracle import SourceInfo, derive
 
 
 def _sources(shapes: dict[str, list[tuple[int, ...]]]) -> list[tuple[str, list[SourceInfo]]]:

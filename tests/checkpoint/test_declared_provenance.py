@@ -16,7 +16,7 @@ from optimum_neuron_peft.checkpoint.declared import (
     group_outputs,
     parameter_output,
 )
-from optimum_neuron_peft.checkpoint.provenance import ColumnGather, RowCopy, SourceInfo, derive
+from optimum_neuron_peft.transformations.pieces import ColumnGather, RowCopy
 from optimum_neuron_peft.transformations import (
     SPEC_REGISTRY,
     FusedLinearsSpec,
@@ -26,6 +26,8 @@ from optimum_neuron_peft.transformations import (
     valid_kv_size_multipliers,
 )
 from optimum_neuron_peft.transformations.model import to_original_weights
+
+from provenance_oracle import SourceInfo, derive
 
 MODULE = "model.layers.3.block"
 
