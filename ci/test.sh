@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command of the README: lint, then the tests. Extra arguments go to pytest (e.g. `bash ci/test.sh -m "not slow"`).
+# The test command of the README: lint, then the tests. Extra arguments go to pytest
+# (e.g. `bash ci/test.sh -m "not slow"`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m ruff check .  # lint rules: [tool.ruff] in pyproject.toml

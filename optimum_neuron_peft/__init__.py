@@ -1,8 +1,8 @@
 """optimum-neuron-peft: tensor-parallel LoRA fine-tuning of Llama-family models.
 
-The weight transformation API (and LoRA-config adaptation) is importable from the top level; the runtime (`optimum_neuron_peft.parallel`),
-models (`.models`), PEFT integration (`.peft`), checkpoints (`.checkpoint`) and merging (`.merge_utils`,
-`.merging`) live in their subpackages.
+The weight transformation API (and LoRA-config adaptation) is importable from the top level; the runtime
+(`optimum_neuron_peft.parallel`), models (`.models`), PEFT integration (`.peft`), checkpoints (`.checkpoint`) and
+merging (`.merge_utils`, `.merging`) live in their subpackages.
 
 The top-level names are resolved on first use (PEP 562): importing the package, or the CLI, does not import torch,
 so a command that needs no tensor math (consolidating a full-model checkpoint) starts in a fraction of a second.

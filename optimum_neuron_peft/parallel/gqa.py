@@ -76,7 +76,9 @@ class _ReduceReplicaGrad(torch.autograd.Function):
         return ctx.reduce(grad), None
 
 
-def reduce_replica_gradient_in_backward(param: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def reduce_replica_gradient_in_backward(
+    param: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """``param`` unchanged in forward; in backward its gradient goes through ``reduce`` (the K/V replica sum)."""
     return _ReduceReplicaGrad.apply(param, reduce)
 

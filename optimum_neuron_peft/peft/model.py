@@ -255,7 +255,8 @@ class _ParallelPeftMixin:
             )  # fmt: skip
         else:
             writer.save_sharded_checkpoint(
-                directory, None, None, adapters={adapter: writer.AdapterShards({(0, 0): local}, {0: metadata}, _jsonable(config))}
+                directory, None, None,
+                adapters={adapter: writer.AdapterShards({(0, 0): local}, {0: metadata}, _jsonable(config))},
             )
 
     def consolidated_adapter_state_dict(self, adapter: str = "default") -> dict[str, torch.Tensor]:
