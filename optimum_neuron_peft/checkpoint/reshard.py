@@ -10,7 +10,6 @@ kept. The output is always our format (safetensors rank files, JSON metadata, ma
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
