@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import CheckpointError
-from .provenance import ColumnGather, RowCopy, row_bytes
+from ..transformations.pieces import ColumnGather, RowCopy, row_bytes
 
 if TYPE_CHECKING:
     import numpy as np

@@ -75,19 +75,30 @@ def spec_outputs(spec: LaidOutSpec, module: str, group: GroupShapes) -> tuple[li
     return outputs, list(dict.fromkeys(layout.name for layout in layouts))
 
 
-class _Layout:
+class DeclaredLayout:
     """Base of the declared layouts: a spec's field class (`transformations.spec_fields`, its fields, claimed
     names and piece map) read from metadata. Like those classes, not frozen (a frozen dataclass may not inherit a
     non-frozen one); built once from a checkpoint's metadata and only read."""
 
+    spec_name: str  # the spec class name the metadata uses
+
     def relevant_names(self, module: str) -> set[str]:
         return self.get_relevant_parameter_names(module)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_fields(cls, data: Any) -> "DeclaredLayout":
+        """The layout of serialized fields that are all str, int or bool (`_fields`, then ``field_problem``)."""
+        layout = cls(**_fields(data, *_declared_kinds(cls), cls.spec_name))
+        problem = layout.field_problem()  # type: ignore[attr-defined]
+        if problem is not None:
+            raise Unsupported(f"{cls.spec_name}: {problem}")
+        return layout
 
     def outputs(self, module: str, group: GroupShapes) -> tuple[list[Output], list[str]]:
         return spec_outputs(self, module, group)  # type: ignore[arg-type]
 
 
-DeclaredSpec = _Layout
+DeclaredSpec = DeclaredLayout  # the name `torch_free_plan` uses
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -131,19 +142,14 @@ def _declared_kinds(field_class: type) -> tuple[dict[str, type], dict[str, tuple
 
 
 @dataclass
-class DeclaredGQAQKV(GQAQKVFields, _Layout):
-    @classmethod
-    def from_fields(cls, data: Any) -> "DeclaredGQAQKV":
-        where = "GQAQKVColumnParallelLinearSpec"
-        spec = cls(**_fields(data, *_declared_kinds(GQAQKVFields), where))
-        problem = spec.field_problem()
-        if problem is not None:
-            raise Unsupported(f"{where}: {problem}")
-        return spec
+class DeclaredGQAQKV(GQAQKVFields, DeclaredLayout):
+    spec_name = "GQAQKVColumnParallelLinearSpec"
 
 
 @dataclass
-class DeclaredFusedLinears(FusedLinearsFields, _Layout):
+class DeclaredFusedLinears(FusedLinearsFields, DeclaredLayout):
+    spec_name = "FusedLinearsSpec"
+
     @classmethod
     def from_fields(cls, data: Any) -> "DeclaredFusedLinears":
         where = "FusedLinearsSpec"

@@ -1,27 +1,9 @@
-"""Byte provenance of rebuilt weights: which bytes of which rank tensors make up each original tensor.
+"""Byte provenance types, re-exported from `transformations.pieces` (where the specs' piece maps declare them).
 
-Every registered spec only moves data (concatenations, head-block selections, splits, replica picks), so the
-original tensors of a group are permutations of rows, or of columns, of the saved shards. That permutation is
-derived generically, without special cases per spec: the group's rebuild (`to_original_weights`, or
-`gather_parameter` for a parameter without spec) is run on small *index* tensors whose elements are the global ids
-of the rows (or columns) of every saved shard, and the ids found in each output say where its bytes come from.
-
-- Row provenance (`RowCopy`): each shard ``(d0, ...)`` is replaced by an int64 ``(d0, 2)`` tensor (``(d0,)`` when
-  1-D) holding ``id`` and ``id + SHIFT``. An output is row-wise when it comes back as ``(D0, 2)`` with the second
-  column still equal to the first plus ``SHIFT`` (no operation mixed the columns) and every id names a row of a
-  shard whose trailing shape and dtype are the output's. Its bytes are then a few contiguous byte ranges of the
-  rank files: dim-0 concatenations, GQA query head blocks, key/value replica 0, fused gate/up row blocks,
-  replicated tensors (rank 0).
-- Column provenance (`ColumnGather`): for 2-D outputs that are not row-wise (row-parallel weights, the GQA output
-  projection's column permutation) each of their shards is replaced by ``(2, d1)`` column ids. Every output row is
-  then the same row of the shards, cut into the same column ranges.
-
-Each derivation runs twice with different id bases and must decode to the same provenance, so a rebuild that does
-arithmetic on values, or leaves uninitialized memory in its output, is not mistaken for a data move. Anything that
-fails these checks (a dtype change, an error on index tensors, a non-dense shard on disk) keeps the tensor path.
-
-The provenance types are torch-free (the torch-free consolidation path declares them from spec fields, see
-`declared`); only `derive` imports torch.
+The package no longer derives provenance here: both consolidation engines take it from the specs' piece maps
+(`checkpoint.declared`). The index-tensor tracing below (`derive`) is the test oracle's original; its maintained
+copy is tests/checkpoint/provenance_oracle.py, and this one is left only until the engine work that owns `_run`
+lands (then this module is the re-export alone).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ the same piece map.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 from pathlib import Path
@@ -20,10 +21,10 @@ import torch
 from safetensors.torch import save_file
 
 from optimum_neuron_peft.checkpoint.byte_copy import SourceFiles, Scratch, gather_column_bytes, read_ranges_into_bytes, row_ranges
-from optimum_neuron_peft.checkpoint.declared import GroupShapes, declared_spec, group_outputs
+from optimum_neuron_peft.checkpoint.declared import DECLARED_SPECS, GroupShapes, DeclaredLayout, declared_spec, group_outputs
 from optimum_neuron_peft.formats.stored import read_safetensors_header
 from optimum_neuron_peft.errors import SpecError
-from optimum_neuron_peft.transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
+from optimum_neuron_peft.transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec, ModelWeightTransformationSpec
 from optimum_neuron_peft.transformations.pieces import (
     Block,
     ColumnGather,
@@ -33,6 +34,7 @@ from optimum_neuron_peft.transformations.pieces import (
     replicated,
     sharded,
 )
+from optimum_neuron_peft.transformations.pieces_torch import gather_saved, spec_to_original
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))  # the oracle lives with the checkpoint tests
 from provenance_oracle import SourceInfo, derive  # noqa: E402
@@ -229,3 +231,68 @@ def test_inverting_a_layout_takes_the_first_holder_and_names_gaps():
     assert (c.shape, c.provenance) == ((3, 8), ColumnGather(((2, 0, 0, 2), (2, 1, 0, 2), (2, 0, 2, 4), (2, 1, 2, 4))))
     with pytest.raises(SpecError, match="held by no rank"):
         original_layouts([SavedLayout("s", 0, ((Block("a", 0, 2), Block("a", 3, 4)),))], {"s": (3, 1)}, ["s"])
+
+
+# The walkthrough of docs/concepts.md ("Adding a weight transformation spec"), as written there.
+
+
+@dataclasses.dataclass
+class FusedKVFields:
+    kv_proj_name: str
+    kv_rows: int  # rows of k_proj, and of v_proj
+    tp_size: int
+
+    def get_relevant_parameter_names(self, module):
+        return {f"{module}.{self.kv_proj_name}.weight", f"{module}.k_proj.weight", f"{module}.v_proj.weight"}
+
+    def field_problem(self):
+        return None if self.kv_rows % self.tp_size == 0 else f"kv_rows={self.kv_rows} over tp_size={self.tp_size}"
+
+    def kv_layout(self, module):
+        n = self.kv_rows // self.tp_size
+        ranks = tuple(
+            (Block(f"{module}.k_proj.weight", r * n, (r + 1) * n), Block(f"{module}.v_proj.weight", r * n, (r + 1) * n))
+            for r in range(self.tp_size)
+        )
+        return SavedLayout(f"{module}.{self.kv_proj_name}.weight", 0, ranks)
+
+    def saved_layouts(self, module, shapes):
+        layout = self.kv_layout(module)
+        return [layout] if layout.name in shapes else []
+
+
+@dataclasses.dataclass
+class FusedKVSpec(FusedKVFields, ModelWeightTransformationSpec):  # not registered: the test registry stays as shipped
+    def adapt_state_dict(self, module, state_dict, tp_rank):
+        originals = [f"{module}.k_proj.weight", f"{module}.v_proj.weight"]
+        if not all(n in state_dict for n in originals):
+            return {}, []
+        layout = self.kv_layout(module)
+        return {layout.name: gather_saved(layout, tp_rank, state_dict)}, originals
+
+    def to_original_weights(self, module, sharded_state_dicts, parameters_metadata):
+        return spec_to_original(self, module, sharded_state_dicts)
+
+    def guess_peft_type(self, model, module_fully_qualified_name):
+        return None
+
+    def adapt_peft_config(self, peft_config, inplace=False):
+        return peft_config
+
+    def to_original_peft_config(self, peft_config, inplace=False):
+        return peft_config
+
+
+@dataclasses.dataclass
+class DeclaredFusedKV(FusedKVFields, DeclaredLayout):
+    spec_name = "FusedKVSpec"
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_the_documented_new_spec_needs_nothing_else(tmp_path, monkeypatch, tp):
+    monkeypatch.setitem(DECLARED_SPECS, "FusedKVSpec", DeclaredFusedKV.from_fields)
+    spec = FusedKVSpec("kv_proj", 8, tp)
+    original = {f"{MODULE}.k_proj.weight": _random((8, 6), 0), f"{MODULE}.v_proj.weight": _random((8, 6), 1)}
+    shards = _shards(spec, original)
+    assert torch.equal(shards[f"{MODULE}.kv_proj.weight"][tp - 1][: 8 // tp], original[f"{MODULE}.k_proj.weight"][-(8 // tp):])
+    _check(spec, original, shards, tmp_path)
