@@ -18,7 +18,8 @@ of the rows (or columns) of every saved shard, and the ids found in each output 
 
 Each derivation runs twice with different id bases and must decode to the same provenance, so a rebuild that does
 arithmetic on values, or leaves uninitialized memory in its output, is not mistaken for a data move. Anything that
-fails these checks (a dtype change, an error on index tensors, a non-dense shard on disk) keeps the tensor path.
+fails these checks (a dtype change, a shape error on index tensors, a non-dense shard on disk) keeps the tensor
+path; a spec that fails otherwise on index tensors is a bug and raises.
 
 The provenance types are torch-free (the torch-free consolidation path declares them from spec fields, see
 `declared`); only `derive` imports torch.
@@ -111,11 +112,17 @@ def _id_bases(sources: Sequence[tuple[str, Sequence[SourceInfo]]], axis: int, ba
     return bases
 
 
-def _run(rebuild: Rebuild, index: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+def _run(rebuild: Rebuild, index: dict[str, list[torch.Tensor]], complete: bool) -> dict[str, torch.Tensor] | None:
+    """The rebuild on index tensors, or None when it refuses them: a spec's shape check (`OptimumNeuronPeftError`)
+    or torch's (`RuntimeError`), as a column run's mixed row/column ids can trigger, or, when the index holds only
+    some of the group's tensors (not ``complete``), a missing one (`LookupError`). Not a pure data move in that
+    layout: the tensor path keeps it. Any other error is a bug in the spec and propagates (the dry run on the same
+    layout, `consolidate._output_shapes`, succeeded): never mistaken for "not a data move"."""
+    expected = (OptimumNeuronPeftError, RuntimeError) if complete else (OptimumNeuronPeftError, RuntimeError, LookupError)
     try:
         return rebuild(index)
-    except (OptimumNeuronPeftError, RuntimeError, LookupError, ValueError, TypeError, AssertionError):
-        return None  # the rebuild cannot run on index tensors: not a pure data move, keep the tensor path
+    except expected:
+        return None
 
 
 def _row_run(rebuild, sources, subset, outputs, base, reverse) -> dict[str, Provenance]:
@@ -124,7 +131,7 @@ def _row_run(rebuild, sources, subset, outputs, base, reverse) -> dict[str, Prov
     for k in subset:
         (name, ranks), starts = sources[k], bases[k]
         index[name] = [_ids(info.shape[0], start, 2 if len(info.shape) > 1 else 1) for info, start in zip(ranks, starts)]
-    result = _run(rebuild, index)
+    result = _run(rebuild, index, complete=len(subset) == len(sources))
     if result is None:
         return {}
     found = {}
@@ -152,7 +159,7 @@ def _column_run(rebuild, sources, subset, outputs, used, base, reverse) -> dict[
             else:  # feeds a row-wise output (or is not 2-D): row ids keep that part of the rebuild valid
                 tensors.append(_ids(info.shape[0], start + SHIFT // 2, 2 if len(info.shape) > 1 else 1))
         index[name] = tensors
-    result = _run(rebuild, index)
+    result = _run(rebuild, index, complete=len(subset) == len(sources))
     if result is None:
         return {}
     found = {}
