@@ -13,7 +13,7 @@ gathered through reused numpy buffers on a second thread at the same time. Both 
 headers fix, so neither waits for the other (the copies release the GIL: the kernel copy and numpy's gather run on
 both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
 
-Applies when the checkpoint holds the model only (no adapter) in plain or safetensors rank files, the output is
+Applies when the checkpoint holds the model only (no adapter) in plain, xser or safetensors rank files, the output is
 safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor: `engine` decides,
 and says why when it is not this engine.
 """

@@ -45,6 +45,8 @@ def _cached_state(dtype: torch.dtype, **overrides) -> dict[str, torch.Tensor]:
     return state
 
 
+_xser = functools.partial(write_optimum_neuron, serialization="xser")
+
 # (writer, tp, pp, fuse_qkv, dtype, max shard size, config overrides)
 CASES = {
     "ours tp2": (write_ours, 2, 1, False, torch.bfloat16, "5GB", {}),
@@ -54,6 +56,7 @@ CASES = {
     "optimum-neuron tp4 pp2 fused qkv, bias": (write_optimum_neuron, 4, 2, True, torch.float32, "5GB", {"attention_bias": True}),
     "optimum-neuron tp8 tied, sharded output": (write_optimum_neuron, 8, 1, False, torch.bfloat16, "30KB", {"tie_word_embeddings": True}),
     "optimum-neuron tp4 MHA, 4 layers": (write_optimum_neuron, 4, 1, False, torch.bfloat16, "5GB", {"num_key_value_heads": 8, "num_hidden_layers": 4}),
+    "optimum-neuron xser tp4 pp2 fused qkv": (_xser, 4, 2, True, torch.bfloat16, "30KB", {}),
 }
 
 
@@ -137,7 +140,6 @@ LEFT_TO_TORCH = {  # options -> the reason stated
     "pytorch format": ({"format": "pytorch"}, "output format 'pytorch'"),
     "verify": ({"verify": True}, "verify"),
     "adapter selected": ({"adapter": "default"}, "adapter 'default' selected"),
-    "xser": ({"serialization": "xser"}, "xser rank files"),
     "adapter in checkpoint": ({"with_adapter": True}, "the checkpoint holds adapters (or no model)"),
 }
 
@@ -148,10 +150,7 @@ def test_what_the_torch_free_engine_leaves_to_torch(tmp_path, capsys, case):
     options = dict(options)
     model = _state(torch.bfloat16)
     adapters = {"default": adapter_state(seed=1)} if options.pop("with_adapter", False) or "adapter" in options else None
-    if "serialization" in options:
-        write_optimum_neuron(tmp_path / "ckpt", 2, model=model, serialization=options.pop("serialization"))
-    else:
-        write_ours(tmp_path / "ckpt", 2, model=model, adapters=adapters)
+    write_ours(tmp_path / "ckpt", 2, model=model, adapters=adapters)
     choice = choose_engine(tmp_path / "ckpt", ConsolidateOptions(**options))
     assert (choice.engine, choice.reason, choice.plan) == ("torch", reason, None)
     result = consolidate(tmp_path / "ckpt", tmp_path / "out", **options)
