@@ -21,6 +21,7 @@ Only those two exceptions are reasons: anything else raised while planning is a 
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -88,15 +89,18 @@ def consolidate_with(
     """Consolidate with the engine `choose_engine` picks: the library's `consolidate` and the CLI both call this."""
     checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
     check_arguments(checkpoint_dir, output_dir, format=options.format, max_shard_size=options.max_shard_size, overwrite=options.overwrite)
+    start = time.perf_counter()
     choice = choose_engine(checkpoint_dir, options, engine)
     if choice.engine == "torch-free":
         from .torch_free import consolidate_plan
 
-        return consolidate_plan(choice.plan, checkpoint_dir, output_dir, options)
-    from .consolidate import consolidate_with_torch  # imports torch
+        result = consolidate_plan(choice.plan, checkpoint_dir, output_dir, options)
+    else:
+        from .consolidate import consolidate_with_torch  # imports torch
 
-    result = consolidate_with_torch(checkpoint_dir, output_dir, options)
-    result.reason = choice.reason
+        result = consolidate_with_torch(checkpoint_dir, output_dir, options)
+        result.reason = choice.reason
+    result.seconds = time.perf_counter() - start  # planning included, as the engines' own figures are not
     return result
 
 

@@ -36,7 +36,7 @@ from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, c
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
 from .provenance import RowCopy
 from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
-from .torch_free_plan import ModelPlan, PlannedTensor, plan_model
+from .torch_free_plan import ModelPlan, PlannedTensor
 
 def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
     """Write ``plan`` (of ``checkpoint_dir``, by `torch_free_plan.plan_model`) to ``output_dir``, atomically, and
