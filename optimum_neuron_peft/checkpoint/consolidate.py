@@ -13,9 +13,9 @@ Output layout (``OUTPUT_DIR``):
 - model and adapters: the model at ``OUTPUT_DIR``, each adapter at ``OUTPUT_DIR/<adapter name>/``;
 - several adapters without model: ``OUTPUT_DIR/<adapter name>/`` each.
 
-Two engines write the same bytes: a full-model checkpoint consolidated as saved (no ``dtype``, safetensors, no
-``verify``) goes through `torch_free` (declared provenance, byte copies, no torch import); everything else, and
-anything that engine does not validate or support, through the torch engine below.
+Two engines write the same bytes: `engine` (torch-free) chooses between `torch_free` (a full model consolidated as
+saved: declared provenance, byte copies, no torch import) and the torch engine below, and says why. The public
+`consolidate` is `engine.consolidate`, re-exported here.
 """
 
 from __future__ import annotations
@@ -42,13 +42,13 @@ from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_r
 from ..transformations.pieces import ColumnGather, Provenance, RowCopy
 from .config_shapes import check_config_shapes
 from .declared import GroupShapes, Unsupported, group_outputs
-from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
-from .hf_output import OutputFormat, WeightsWriter
+from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
+from .engine import consolidate
+from .hf_output import WeightsWriter
 from .loadability import check_adapter_keys, check_model_keys, targeted
 from .schemas import ADAPTER_CONFIG_SCHEMA
 from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
-from .torch_free import ENGINES, try_consolidate
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}  # fmt: skip
@@ -363,44 +363,10 @@ def _torch_threads(count: int):
         torch.set_num_threads(before)
 
 
-def consolidate(
-    checkpoint_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    *,
-    format: OutputFormat = "safetensors",
-    max_shard_size: int | str = "5GB",
-    adapter: str | None = None,
-    dtype: str | torch.dtype | None = None,
-    overwrite: bool = False,
-    verify: bool = False,
-    check_checksums: bool = False,
-    progress: bool = False,
-    engine: Literal["auto", "torch", "torch-free"] = "auto",
-) -> ConsolidationResult:
-    """Consolidate ``checkpoint_dir`` (our sharded format or optimum-neuron's) into ``output_dir``.
-
-    Writes a Transformers model directory (config/tokenizer files copied, ``model.safetensors`` or shards with
-    an index past ``max_shard_size``) and/or vanilla PEFT adapter directories (layout in the module docstring).
-    ``dtype`` casts floating tensors. ``verify`` re-derives every rank's shards from the output and compares them
-    bit for bit before the output is published (with ``dtype``, against the input cast to it). The output is
-    written atomically; a non-empty ``output_dir`` is refused unless ``overwrite``. Raises `CheckpointError`.
-
-    ``engine="auto"`` consolidates a full-model checkpoint by byte copies without torch when nothing asks for
-    tensor math (see `torch_free`; same output bytes), ``"torch-free"`` raises where that engine does not apply,
-    ``"torch"`` always takes the torch engine.
-    """
-    checkpoint_dir, output_dir = Path(checkpoint_dir), Path(output_dir)
-    check_arguments(checkpoint_dir, output_dir, format=format, max_shard_size=max_shard_size, overwrite=overwrite)
-    if engine not in ENGINES:
-        raise CheckpointError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine != "torch":
-        options = ConsolidateOptions(
-            format=format, max_shard_size=max_shard_size, adapter=adapter, dtype=dtype, overwrite=overwrite, verify=verify,
-            check_checksums=check_checksums, progress=progress,
-        )  # fmt: skip
-        result = try_consolidate(checkpoint_dir, output_dir, options, required=engine == "torch-free")
-        if result is not None:
-            return result
+def consolidate_with_torch(checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
+    """The torch engine: `engine.consolidate` (which checked the arguments) with tensor math where it is needed."""
+    format, max_shard_size, overwrite, progress = options.format, options.max_shard_size, options.overwrite, options.progress
+    dtype, adapter, check_checksums, verify = options.dtype, options.adapter, options.check_checksums, options.verify
     cast = parse_dtype(dtype)
     start = time.perf_counter()
     checkpoint, targets = plan_consolidation(checkpoint_dir, adapter=adapter, dtype=cast, check_checksums=check_checksums)

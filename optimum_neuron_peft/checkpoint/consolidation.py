@@ -1,7 +1,7 @@
 """What the two consolidation engines share: argument checks, the test hook, copying root files, the result.
 
-`consolidate.consolidate` runs the torch-free engine (`torch_free`) when it applies and the torch engine otherwise;
-both check their arguments here first, with the same messages, and return a `ConsolidationResult`. Torch-free.
+`engine` picks the torch-free engine (`torch_free`) or the torch engine (`consolidate`) and checks the arguments
+here first, with the same messages for both; both return a `ConsolidationResult`. Torch-free.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ FORMATS = ("safetensors", "pytorch")
 
 @dataclass(frozen=True)
 class ConsolidateOptions:
-    """The options of `consolidate.consolidate` that both engines read (the CLI builds them without torch)."""
+    """The options of `engine.consolidate` that both engines read (the CLI builds them without torch)."""
 
     format: str = "safetensors"
     max_shard_size: int | str = "5GB"
@@ -42,12 +42,14 @@ class ConsolidationResult:
     seconds: float
     directories: dict[str, Path] = field(default_factory=dict)  # "model" / adapter name -> directory
     engine: str = "torch"  # "torch-free" when written by byte copies without importing torch (`torch_free`)
+    reason: str | None = None  # why the torch engine took it (`engine.choose_engine`)
 
     def summary(self) -> str:
         rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
+        which = "torch-free engine" if self.engine == "torch-free" else f"torch engine: {self.reason or 'asked for'}"
         return (
             f"consolidated {self.tensors} tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
-            f"({rate:.2f} GB/s) -> {self.output_dir}"
+            f"({rate:.2f} GB/s) -> {self.output_dir} [{which}]"
         )
 
 

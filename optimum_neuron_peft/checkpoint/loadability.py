@@ -134,8 +134,9 @@ def mismatch_error(keys: Iterable[str], required: Iterable[str], allowed: Iterab
 
 class ExpectedModelKeys:
     """`expected_model_keys` for the torch-free engine, which keeps torch out of its own process (seconds of imports):
-    read from a cache keyed by the config's bytes and the Transformers version, else computed by a child process
-    started now, on the other core while the bytes are copied. `result()` gives ``(required, allowed)``."""
+    derived from the config for an architecture `known_keys` knows (pinned to Transformers by tests), else read from
+    a cache keyed by the config's bytes and the Transformers version, else computed by a child process started now,
+    on the other core while the bytes are copied. `result()` gives ``(required, allowed)``."""
 
     def __init__(self, config_file: Path) -> None:
         import hashlib
@@ -144,15 +145,25 @@ class ExpectedModelKeys:
         import sys
         from importlib.metadata import PackageNotFoundError, version
 
+        from .known_keys import expected_keys_from_config
+
         self._config_file = Path(config_file)
+        self._child = None
         try:
-            key = hashlib.sha256(self._config_file.read_bytes() + version("transformers").encode()).hexdigest()
+            data = self._config_file.read_bytes()
+            key = hashlib.sha256(data + version("transformers").encode()).hexdigest()
         except (OSError, PackageNotFoundError) as err:
             raise CheckpointError(f"{config_file}: cannot compute the keys Transformers expects ({err})") from None
+        try:
+            known = expected_keys_from_config(json.loads(data))
+        except ValueError:  # not JSON: Transformers (the child) reports it
+            known = None
+        if known is not None:
+            self._cached = {"required": sorted(known[0]), "allowed": sorted(known[1])}
+            return
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optimum-neuron-peft" / "expected-keys"
         self._cache_file = cache / f"{key}.json"
         self._cached = _read_json(self._cache_file)
-        self._child = None
         if self._cached is None:
             self._child = subprocess.Popen(
                 [sys.executable, "-m", __name__, str(config_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

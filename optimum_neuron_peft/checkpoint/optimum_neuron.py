@@ -34,7 +34,13 @@ from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json, validate
 from .schemas import METADATA_SCHEMA
-from ..formats.torch_zip import TensorReference, load_plain_pickle, open_torch_dict, open_torch_tensor
+from ..formats.stored import StoredTensor
+from ..formats.torch_zip import (
+    TensorReference,
+    load_plain_pickle,
+    scan_torch_references,
+    scan_torch_tensor,
+)
 
 if TYPE_CHECKING:
     from ..formats.lazy import LazyTensor
@@ -394,33 +400,39 @@ def adapter_key_from_metadata_name(name: str, adapter_name: str) -> str | None:
 
 
 def open_rank_file(path: str | os.PathLike) -> dict[str, LazyTensor]:
-    """Open one rank file, plain or xser, as ``{name: LazyTensor}`` without reading tensor data.
+    """Open one rank file, plain or xser, as ``{name: LazyTensor}`` without reading tensor data (`scan_rank_file`)."""
+    from .lazy import LazyTensor
 
-    For xser, every ``X.pt.tensors/tensor_<i>.pt`` is opened (headers only) so that a missing or corrupted tensor
+    return {key: LazyTensor.from_stored(stored) for key, stored in scan_rank_file(path).items()}
+
+
+def scan_rank_file(path: str | os.PathLike) -> dict[str, StoredTensor]:
+    """Where each tensor of one rank file, plain or xser, is, without torch and without reading tensor data.
+
+    For xser, every ``X.pt.tensors/tensor_<i>.pt`` is scanned (headers only) so that a missing or corrupted tensor
     file is reported now, by name, rather than in the middle of a consolidation.
     """
     path = Path(path)
-    entries = open_torch_dict(path)
+    entries = scan_torch_references(path)
     references = {key: value for key, value in entries.items() if isinstance(value, TensorReference)}
     if not references:
         return entries  # type: ignore[return-value]
     if len(references) != len(entries):
         raise CheckpointError(f"{path}: expected only tensors or only xser TensorReferences, found a mix")
-    return {key: _open_reference(path, key, ref) for key, ref in references.items()}
+    return {key: _scan_reference(path, key, ref) for key, ref in references.items()}
 
 
-def _open_reference(path: Path, key: str, ref: TensorReference) -> LazyTensor:
+def _scan_reference(path: Path, key: str, ref: TensorReference) -> StoredTensor:
     tid = getattr(ref, "tid", None)
     if type(tid) is not int or tid < 0:  # the tensor file's name is built from it
         raise CheckpointError(f"{path}: xser reference '{key}' has no non-negative integer tid, found {tid!r}")
     tensor_file = xser_tensor_file(path, tid)
     if not tensor_file.is_file():
         raise CheckpointError(f"{tensor_file}: expected the xser tensor file of '{key}' (tid {tid}), it is missing")
-    lazy = open_torch_tensor(tensor_file, key)
-    shape, dtype = getattr(ref, "shape", None), getattr(ref, "dtype", None)
-    if (shape is not None and tuple(shape) != tuple(lazy.shape)) or (dtype is not None and dtype != lazy.dtype):
+    stored = scan_torch_tensor(tensor_file, key)
+    shape, dtype = ref.shape, ref.dtype  # dtype by name
+    if (shape is not None and tuple(shape) != stored.shape) or (dtype is not None and dtype != stored.dtype):
         raise CheckpointError(
-            f"{tensor_file}: reference '{key}' expects shape {shape} dtype {dtype}, "
-            f"found {tuple(lazy.shape)} {lazy.dtype}"
+            f"{tensor_file}: reference '{key}' expects shape {shape} dtype {dtype}, found {stored.shape} {stored.dtype}"
         )
-    return lazy
+    return stored

@@ -13,9 +13,9 @@ gathered through reused numpy buffers on a second thread at the same time. Both 
 headers fix, so neither waits for the other (the copies release the GIL: the kernel copy and numpy's gather run on
 both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
 
-Applies when the checkpoint holds the model only (no adapter) in plain or safetensors rank files, the output is
-safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor; `try_consolidate`
-returns None otherwise and the caller runs the torch engine, which also reports every error in the checkpoint.
+Applies when the checkpoint holds the model only (no adapter) in plain, xser or safetensors rank files, the output is
+safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor: `engine` decides,
+and says why when it is not this engine.
 """
 
 from __future__ import annotations
@@ -26,56 +26,23 @@ import queue
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
 from .loadability import ExpectedModelKeys, mismatch_error
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
-from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, check_arguments, copy_root_files
-from .declared import Unsupported
+from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
-from .provenance import RowCopy
+from ..transformations.pieces import RowCopy
 from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
-from .torch_free_plan import ModelPlan, PlannedTensor, plan_model
+from .torch_free_plan import ModelPlan, PlannedTensor
 
-ENGINES = ("auto", "torch", "torch-free")
-
-
-def unsupported_options(*, format: str, adapter: str | None, dtype: Any, verify: bool) -> str | None:
-    """Why these options need the torch engine, or None."""
-    if format != "safetensors":
-        return f"output format {format!r}"
-    if adapter is not None:
-        return "an adapter is selected"
-    if dtype is not None:
-        return "a dtype cast is asked"
-    if verify:
-        return "verify is asked"
-    return None
-
-
-def try_consolidate(
-    checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, options: ConsolidateOptions, *, required: bool = False
-) -> ConsolidationResult | None:
-    """`consolidate.consolidate` without torch when it applies (see the module docstring), else None (nothing
-    written). With ``required``, a `CheckpointError` saying why instead of None."""
-    checkpoint_dir, output_dir, o = Path(checkpoint_dir), Path(output_dir), options
-    check_arguments(checkpoint_dir, output_dir, format=o.format, max_shard_size=o.max_shard_size, overwrite=o.overwrite)
+def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
+    """Write ``plan`` (of ``checkpoint_dir``, by `torch_free_plan.plan_model`) to ``output_dir``, atomically, and
+    check that Transformers would load its keys. `engine.choose_engine` made the plan and checked the options."""
+    o = options
     start = time.perf_counter()
-    reason = unsupported_options(format=o.format, adapter=o.adapter, dtype=o.dtype, verify=o.verify)
-    plan = None
-    if reason is None:
-        try:
-            plan = plan_model(checkpoint_dir, check_checksums=o.check_checksums)
-        except (Unsupported, CheckpointError) as err:
-            reason = str(err)
-        except Exception as err:  # noqa: BLE001 - planning only reads: whatever it cannot read, the torch engine judges
-            reason = f"{type(err).__name__}: {err}"
-    if plan is None:
-        if required:
-            raise CheckpointError(f"{checkpoint_dir}: the torch-free engine cannot consolidate this checkpoint: {reason}")
-        return None
     config_file = plan.checkpoint.config_file
     expected = ExpectedModelKeys(config_file) if config_file is not None else None  # `loadability`
     try:

@@ -3,10 +3,10 @@
 The torch engine (`source`, `consolidate.plan_part`) builds spec objects, runs them on dry tensors for the output
 shapes and on index tensors for the byte provenance. This does the same from the files' headers and the metadata's
 *declared* layouts (`declared`): rank files are read as `stored.StoredTensor` records (safetensors headers, or
-`torch_zip.scan_torch_dict` for optimum-neuron's plain ``torch.save`` files), grouped as the torch engine groups
-them (`grouping`), and each group's outputs declared in the torch engine's order.
+`optimum_neuron.scan_rank_file` for optimum-neuron's plain ``torch.save`` files and xser reference + tensor files),
+grouped as the torch engine groups them (`grouping`), and each group's outputs declared in the torch engine's order.
 
-It takes only what it can vouch for: the model alone (no adapter), plain or safetensors rank files, registered
+It takes only what it can vouch for: the model alone (no adapter), plain, xser or safetensors rank files, registered
 specs with valid fields, shapes that agree with the metadata, dense tensors. Anything else raises
 `declared.Unsupported`, and any file error `CheckpointError`: the caller then leaves the checkpoint to the torch
 engine, which reports errors with its established messages.
@@ -26,11 +26,10 @@ from .declared import DeclaredSpec, GroupShapes, Unsupported, check_parameter_en
 from .detect import Checkpoint, open_checkpoint, source_format_of
 from ..formats.dtypes import itemsize
 from .grouping import check_ranks_agree, group_tensors
-from .optimum_neuron import ShardedPart
+from .optimum_neuron import ShardedPart, scan_rank_file
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
-from .provenance import Provenance
+from ..transformations.pieces import Provenance
 from ..formats.stored import StoredTensor, read_safetensors_header
-from ..formats.torch_zip import scan_torch_dict
 
 
 @dataclass(frozen=True)
@@ -63,8 +62,6 @@ def plan_model(checkpoint_dir: str | os.PathLike, *, check_checksums: bool = Fal
     if checkpoint.model is None or checkpoint.adapters:
         raise Unsupported("the checkpoint holds adapters (or no model)")
     part = checkpoint.model
-    if part.serialization not in ("plain", "safetensors"):
-        raise Unsupported(f"{part.serialization} rank files")
     groups: list[list[PlannedTensor]] = []
     saved: set[str] = set()
     for pp in range(part.pp_size):
@@ -82,7 +79,7 @@ def plan_model(checkpoint_dir: str | os.PathLike, *, check_checksums: bool = Fal
 
 
 def _rank_file(path: Path) -> dict[str, StoredTensor]:
-    tensors = read_safetensors_header(path) if path.suffix == ".safetensors" else scan_torch_dict(path)
+    tensors = read_safetensors_header(path) if path.suffix == ".safetensors" else scan_rank_file(path)  # plain or xser
     renamed = {remove_base_layer(name): stored.renamed(remove_base_layer(name)) for name, stored in tensors.items()}
     if len(renamed) != len(tensors):
         raise Unsupported(f"{path}: a tensor is saved both with and without 'base_layer' in its name")

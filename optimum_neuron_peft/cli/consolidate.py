@@ -1,13 +1,13 @@
 """``optimum-neuron-peft consolidate CHECKPOINT_DIR [OUTPUT_DIR] ...``: sharded checkpoint -> Transformers/PEFT.
 
-A full-model checkpoint consolidated as saved goes through the torch-free engine (`checkpoint.torch_free`): this
-command then never imports torch. Everything else goes through the torch engine (`checkpoint.consolidate`).
+`checkpoint.engine` chooses the engine, as for the library: a full-model checkpoint consolidated as saved goes
+through the torch-free engine (this command then never imports torch), everything else through the torch engine,
+and the printed summary says which and why.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -21,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", choices=["safetensors", "pytorch"], default="safetensors")
     parser.add_argument("--max-shard-size", default="5GB", help="split model weights past this size (default 5GB)")
     parser.add_argument("--adapter", metavar="NAME", help="consolidate only this adapter (into OUTPUT_DIR itself)")
-    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating tensors (default: as saved)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast floating tensors (default: as saved; takes the torch engine)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
     parser.add_argument("--verify", action="store_true", help="re-derive every rank's shards from the output and compare bit for bit before publishing it")
     parser.add_argument("--check-checksums", action="store_true", help="check the sha256 of every input file listed in the manifest (our format)")
@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--engine", choices=["auto", "torch", "torch-free"], default="auto",
         help="auto (default): byte copies without torch when the checkpoint is a full model consolidated as saved, "
-        "else torch; torch-free: fail if that engine cannot take it; torch: always torch (same output bytes)",
+        "else torch, saying why; torch-free: fail, saying why, if that engine cannot take it; torch: always torch "
+        "(same output bytes)",
     )  # fmt: skip
 
 
@@ -49,15 +50,9 @@ def run(args: argparse.Namespace) -> int:
     from ..utils.atomic import claimed_output  # imports no torch
 
     output_dir = args.output_dir or default_output_dir(args.checkpoint_dir)
-    result = None
     with claimed_output(output_dir, args.overwrite, inputs=[args.checkpoint_dir]):
-        if args.engine != "torch":
-            from ..checkpoint.torch_free import try_consolidate  # imports no torch
+        from ..checkpoint.engine import consolidate_with  # imports torch only for the torch engine
 
-            result = try_consolidate(args.checkpoint_dir, output_dir, options, required=args.engine == "torch-free")
-        if result is None:
-            from ..checkpoint.consolidate import consolidate
-
-            result = consolidate(args.checkpoint_dir, output_dir, engine="torch", **dataclasses.asdict(options))
+        result = consolidate_with(args.checkpoint_dir, output_dir, options, engine=args.engine)
     print(result.summary() + (" (verified)" if args.verify else ""))
     return 0

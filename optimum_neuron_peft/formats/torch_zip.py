@@ -12,8 +12,9 @@ objects (``collections.OrderedDict``, our own rebuild functions, dtype and stora
 ours and return `stored.StoredTensor` records (dtype by name, shape, stride, storage offset, byte offset of the
 storage member in the zip).
 
-Two layers: `scan_torch_dict` reads a rank file without torch (for the torch-free consolidation path; it refuses xser
-references); `read_torch_file` and the ``open_*`` functions wrap the records as :class:`LazyTensor` (torch dtypes) and
+Two layers: the ``scan_*`` functions read a rank file without torch (for the torch-free consolidation path:
+`scan_torch_dict` for plain files, `scan_torch_references` and `scan_torch_tensor` for xser reference and tensor
+files); `read_torch_file` and the ``open_*`` functions wrap the records as :class:`LazyTensor` (torch dtypes) and
 resolve ``TensorReference`` dtypes to torch dtypes.
 """
 
@@ -95,7 +96,8 @@ _DTYPES = {name: _Dtype(dtype_name(name)) for name in _DTYPE_NAMES if dtype_name
 @dataclass(slots=True)
 class TensorReference:
     """Local stand-in for ``torch_xla.utils.serialization.TensorReference``: tensor ``tid`` lives in
-    ``<file>.tensors/tensor_<tid>.pt``. Newer Neuron variants also record ``shape`` and ``dtype`` (a torch dtype)."""
+    ``<file>.tensors/tensor_<tid>.pt``. Newer Neuron variants also record ``shape`` and ``dtype`` (a torch dtype:
+    its name from `scan_torch_references`, the torch dtype from `open_torch_dict`)."""
 
     tid: int
     shape: tuple[int, ...] | None = None
@@ -114,11 +116,8 @@ class TensorReference:
             raise UnsafePickleError(f"TensorReference.shape must be a tuple of ints, found {shape!r}")
         if dtype is not None and not isinstance(dtype, _Dtype):
             raise UnsafePickleError(f"TensorReference.dtype must be a torch dtype, found {dtype!r}")
-        if dtype is not None:  # only read on the torch path (the torch-free scan refuses xser references)
-            from .dtypes import torch_dtype
-
-            dtype = torch_dtype(dtype.name)
-        self.tid, self.shape, self.dtype = tid, None if shape is None else tuple(shape), dtype
+        # The dtype by name here (torch-free); `open_torch_dict` makes it a torch dtype for the torch path.
+        self.tid, self.shape, self.dtype = tid, None if shape is None else tuple(shape), None if dtype is None else dtype.name
 
 
 # Where the xser reference class is defined: torch_xla's, and Neuron's forks of the same module. Mapping any of them
@@ -433,7 +432,7 @@ def _as_lazy(value: Any) -> Any:
 
 def read_torch_file(path: str | os.PathLike) -> Any:
     """Unpickle a ``torch.save`` zip file with tensors replaced by :class:`LazyTensor` handles (names are empty;
-    :func:`open_torch_state_dict` fills them) and xser references by :class:`TensorReference`."""
+    :func:`open_torch_state_dict` fills them) and xser references by :class:`TensorReference` (dtypes by name)."""
     return _as_lazy(_unpickle(path, references=True))
 
 
@@ -453,11 +452,32 @@ def scan_torch_dict(path: str | os.PathLike) -> dict[str, StoredTensor]:
     return {key: value.renamed(key) for key, value in obj.items()}
 
 
-def open_torch_dict(path: str | os.PathLike) -> dict[str, LazyTensor | TensorReference]:
-    """Open a ``torch.save`` of a flat ``{str: tensor or TensorReference}`` dict; values are lazy."""
+def scan_torch_references(path: str | os.PathLike) -> dict[str, StoredTensor | TensorReference]:
+    """`scan_torch_dict` that also takes xser references (dtypes by name), without torch: an xser rank file."""
     obj = _unpickle(path, references=True)
     _check_flat_dict(path, obj, (StoredTensor, TensorReference))
-    return {key: _as_lazy(value.renamed(key) if isinstance(value, StoredTensor) else value) for key, value in obj.items()}
+    return {key: value.renamed(key) if isinstance(value, StoredTensor) else value for key, value in obj.items()}
+
+
+def scan_torch_tensor(path: str | os.PathLike, name: str = "") -> StoredTensor:
+    """Where the tensor of a ``torch.save`` of one tensor (an xser ``tensor_<i>.pt`` file) is, without torch."""
+    obj = _unpickle(path, references=False)
+    if not isinstance(obj, StoredTensor):
+        raise CheckpointError(f"{path}: expected a single saved tensor, found {type(obj).__name__}")
+    return obj.renamed(name)
+
+
+def open_torch_dict(path: str | os.PathLike) -> dict[str, LazyTensor | TensorReference]:
+    """Open a ``torch.save`` of a flat ``{str: tensor or TensorReference}`` dict; values are lazy, reference dtypes
+    torch dtypes."""
+    from .dtypes import torch_dtype
+
+    opened = {}
+    for key, value in scan_torch_references(path).items():
+        if isinstance(value, TensorReference) and value.dtype is not None:
+            value = TensorReference(value.tid, value.shape, torch_dtype(value.dtype))
+        opened[key] = _as_lazy(value)
+    return opened
 
 
 def open_torch_state_dict(path: str | os.PathLike) -> dict[str, LazyTensor]:
@@ -471,10 +491,7 @@ def open_torch_state_dict(path: str | os.PathLike) -> dict[str, LazyTensor]:
 
 def open_torch_tensor(path: str | os.PathLike, name: str = "") -> LazyTensor:
     """Open a ``torch.save`` of one tensor (an xser ``tensor_<i>.pt`` file)."""
-    obj = _unpickle(path, references=True)
-    if not isinstance(obj, StoredTensor):
-        raise CheckpointError(f"{path}: expected a single saved tensor, found {type(obj).__name__}")
-    return _as_lazy(obj.renamed(name))
+    return _as_lazy(scan_torch_tensor(path, name))
 
 
 def load_plain_pickle(path: str | os.PathLike) -> Any:

@@ -86,11 +86,16 @@ def _id_bases(sources: Sequence[tuple[str, Sequence[SourceInfo]]], axis: int, ba
     return bases
 
 
-def _run(rebuild: Rebuild, index: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+def _run(rebuild: Rebuild, index: dict[str, list[torch.Tensor]], complete: bool) -> dict[str, torch.Tensor] | None:
+    """The rebuild on index tensors, or None when it refuses them: a spec's shape check (`OptimumNeuronPeftError`)
+    or torch's (`RuntimeError`), as a column run's mixed row/column ids can trigger, or, when the index holds only
+    some of the group's tensors (not ``complete``), a missing one (`LookupError`): not a pure data move in that
+    layout. Any other error is a bug in the spec and propagates, never mistaken for "not a data move"."""
+    expected = (OptimumNeuronPeftError, RuntimeError) if complete else (OptimumNeuronPeftError, RuntimeError, LookupError)
     try:
         return rebuild(index)
-    except (OptimumNeuronPeftError, RuntimeError, LookupError, ValueError, TypeError, AssertionError):
-        return None  # the rebuild cannot run on index tensors: not a pure data move, keep the tensor path
+    except expected:
+        return None
 
 
 def _row_run(rebuild, sources, subset, outputs, base, reverse) -> dict[str, Provenance]:
@@ -99,7 +104,7 @@ def _row_run(rebuild, sources, subset, outputs, base, reverse) -> dict[str, Prov
     for k in subset:
         (name, ranks), starts = sources[k], bases[k]
         index[name] = [_ids(info.shape[0], start, 2 if len(info.shape) > 1 else 1) for info, start in zip(ranks, starts)]
-    result = _run(rebuild, index)
+    result = _run(rebuild, index, complete=len(subset) == len(sources))
     if result is None:
         return {}
     found = {}
@@ -127,7 +132,7 @@ def _column_run(rebuild, sources, subset, outputs, used, base, reverse) -> dict[
             else:  # feeds a row-wise output (or is not 2-D): row ids keep that part of the rebuild valid
                 tensors.append(_ids(info.shape[0], start + SHIFT // 2, 2 if len(info.shape) > 1 else 1))
         index[name] = tensors
-    result = _run(rebuild, index)
+    result = _run(rebuild, index, complete=len(subset) == len(sources))
     if result is None:
         return {}
     found = {}

@@ -50,6 +50,28 @@ def test_derive_finds_row_and_column_moves_and_rejects_arithmetic():
     assert derive(rebuild, sources, {"rows": ((5, 4), torch.float32)}) == {}
 
 
+def test_derive_raises_a_spec_bug_instead_of_calling_it_not_a_data_move():
+    sources = _sources({"a": [(3, 4), (3, 4)], "b": [(5, 2), (5, 2)]})
+    outputs = {"rows": ((6, 4), torch.bfloat16)}
+
+    def shape_refused(t):  # torch refuses the shapes: not a data move in this layout
+        return {"rows": torch.cat([t["a"][0], t["b"][0]])}
+
+    assert derive(shape_refused, sources, outputs) == {}
+
+    def buggy(t):  # a TypeError is a bug of the rebuild, whatever the index tensors
+        return {"rows": torch.cat(t["a"], dims=0)}
+
+    with pytest.raises(TypeError):
+        derive(buggy, sources, outputs)
+
+    def missing_name(t):  # every saved tensor is given at once first: a missing one there is a bug too
+        return {"rows": torch.cat([t["a"][0], t["c"][0]])}
+
+    with pytest.raises(KeyError, match="'c'"):
+        derive(missing_name, sources, outputs)
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_every_llama_output_is_a_byte_move(tmp_path, tp):
     model = model_state(torch.bfloat16)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from consolidation_helpers import adapter_state, llama_config, model_state, write_optimum_neuron
 from optimum_neuron_peft.checkpoint import consolidate, verify
+from optimum_neuron_peft.checkpoint.known_keys import expected_keys_from_config
 from optimum_neuron_peft.checkpoint.loadability import check_adapter_keys, check_model_keys, expected_model_keys
 from optimum_neuron_peft.errors import CheckpointError
 
@@ -29,6 +30,27 @@ def test_expected_keys_are_transformers_own(tmp_path):
     required, allowed = expected_model_keys(tmp_path / "config.json")
     assert allowed == set(transformers.LlamaForCausalLM(config).state_dict())
     assert allowed - required == {"lm_head.weight"}  # tied: Transformers re-ties it, a file may omit it
+
+
+KEY_FIELDS = [{}, {"tie_word_embeddings": True}, {"attention_bias": True}, {"mlp_bias": True},
+              {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}, {"num_hidden_layers": 0},
+              {"architectures": ["LlamaForSequenceClassification"]}]  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", KEY_FIELDS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()) or "defaults")
+def test_keys_derived_from_a_llama_config_are_transformers_own(tmp_path, fields):
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "num_hidden_layers": 3, "vocab_size": 50, **fields}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert expected_keys_from_config(config) == expected_model_keys(tmp_path / "config.json")
+
+
+def test_keys_are_not_derived_for_what_is_not_known():
+    llama = {"model_type": "llama", "num_hidden_layers": 2}
+    assert expected_keys_from_config(llama) is not None
+    for config in [{**llama, "model_type": "mistral"}, {**llama, "quantization_config": {}}, {**llama, "mlp_bias": "yes"},
+                   {**llama, "num_hidden_layers": -1}, [llama]]:  # fmt: skip
+        assert expected_keys_from_config(config) is None
 
 
 def test_a_wrong_adapter_key_is_named(consolidated_adapter):
@@ -85,8 +107,15 @@ def test_torch_free_engine_caches_the_expected_keys(tmp_path, monkeypatch):
     from optimum_neuron_peft.checkpoint.loadability import ExpectedModelKeys
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    (tmp_path / "config.json").write_text(llama_config().to_json_string())
-    first = ExpectedModelKeys(tmp_path / "config.json")  # computed by a child process (torch stays out of ours)
+    (tmp_path / "llama.json").write_text(llama_config().to_json_string())
+    derived = ExpectedModelKeys(tmp_path / "llama.json")  # a known architecture: no child, no cache
+    assert derived._child is None and derived.result() == expected_model_keys(tmp_path / "llama.json")
+    assert not (tmp_path / "cache").exists()
+    # Another architecture: computed by a child process (torch stays out of ours), then cached.
+    mistral = transformers.MistralConfig(**{k: getattr(llama_config(), k) for k in ("hidden_size", "intermediate_size",
+                                            "num_attention_heads", "num_key_value_heads", "num_hidden_layers", "vocab_size")})  # fmt: skip
+    (tmp_path / "config.json").write_text(mistral.to_json_string())
+    first = ExpectedModelKeys(tmp_path / "config.json")
     assert first._child is not None
     assert first.result() == expected_model_keys(tmp_path / "config.json")
     second = ExpectedModelKeys(tmp_path / "config.json")

@@ -1,5 +1,6 @@
-"""The torch-free consolidation engine (`checkpoint.torch_free`): the same plan and the same output bytes as the
-torch engine, no torch import on the CLI path, and the torch engine for everything it does not take."""
+"""The torch-free consolidation engine (`checkpoint.torch_free`) and the dispatch (`checkpoint.engine`): the same
+plan and the same output bytes as the torch engine, no torch import on the CLI or library path, and the torch
+engine, with the reason stated, for everything it does not take."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import transformers
 
 from optimum_neuron_peft.checkpoint.consolidate import consolidate, plan_consolidation
 from optimum_neuron_peft.checkpoint.consolidation import ConsolidateOptions
-from optimum_neuron_peft.checkpoint.torch_free import try_consolidate
+from optimum_neuron_peft.checkpoint.engine import choose_engine
 from optimum_neuron_peft.checkpoint.torch_free_plan import plan_model
 from optimum_neuron_peft.formats.torch_zip import open_torch_dict, scan_torch_dict
 from optimum_neuron_peft.cli import main
@@ -44,6 +45,8 @@ def _cached_state(dtype: torch.dtype, **overrides) -> dict[str, torch.Tensor]:
     return state
 
 
+_xser = functools.partial(write_optimum_neuron, serialization="xser")
+
 # (writer, tp, pp, fuse_qkv, dtype, max shard size, config overrides)
 CASES = {
     "ours tp2": (write_ours, 2, 1, False, torch.bfloat16, "5GB", {}),
@@ -53,6 +56,7 @@ CASES = {
     "optimum-neuron tp4 pp2 fused qkv, bias": (write_optimum_neuron, 4, 2, True, torch.float32, "5GB", {"attention_bias": True}),
     "optimum-neuron tp8 tied, sharded output": (write_optimum_neuron, 8, 1, False, torch.bfloat16, "30KB", {"tie_word_embeddings": True}),
     "optimum-neuron tp4 MHA, 4 layers": (write_optimum_neuron, 4, 1, False, torch.bfloat16, "5GB", {"num_key_value_heads": 8, "num_hidden_layers": 4}),
+    "optimum-neuron xser tp4 pp2 fused qkv": (_xser, 4, 2, True, torch.bfloat16, "30KB", {}),
 }
 
 
@@ -131,29 +135,71 @@ def test_library_api_takes_the_torch_free_engine_when_it_applies(tmp_path):
     assert_model_loads_equal(tmp_path / "out", model)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [{"dtype": "fp32"}, {"format": "pytorch"}, {"verify": True}, {"adapter": "default"}, {"serialization": "xser"}, {"with_adapter": True}],
-    ids=["dtype", "pytorch format", "verify", "adapter selected", "xser", "adapter in checkpoint"],
-)
-def test_what_the_torch_free_engine_leaves_to_torch(tmp_path, capsys, options):
+LEFT_TO_TORCH = {  # options -> the reason stated
+    "dtype": ({"dtype": "fp32"}, "a dtype cast (fp32)"),
+    "pytorch format": ({"format": "pytorch"}, "output format 'pytorch'"),
+    "verify": ({"verify": True}, "verify"),
+    "adapter selected": ({"adapter": "default"}, "adapter 'default' selected"),
+    "adapter in checkpoint": ({"with_adapter": True}, "the checkpoint holds adapters (or no model)"),
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_TO_TORCH))
+def test_what_the_torch_free_engine_leaves_to_torch(tmp_path, capsys, case):
+    options, reason = LEFT_TO_TORCH[case]
     options = dict(options)
     model = _state(torch.bfloat16)
     adapters = {"default": adapter_state(seed=1)} if options.pop("with_adapter", False) or "adapter" in options else None
-    if "serialization" in options:
-        write_optimum_neuron(tmp_path / "ckpt", 2, model=model, serialization=options.pop("serialization"))
-    else:
-        write_ours(tmp_path / "ckpt", 2, model=model, adapters=adapters)
-    assert try_consolidate(tmp_path / "ckpt", tmp_path / "none", ConsolidateOptions(**options)) is None
-    assert not (tmp_path / "none").exists()
+    write_ours(tmp_path / "ckpt", 2, model=model, adapters=adapters)
+    choice = choose_engine(tmp_path / "ckpt", ConsolidateOptions(**options))
+    assert (choice.engine, choice.reason, choice.plan) == ("torch", reason, None)
     result = consolidate(tmp_path / "ckpt", tmp_path / "out", **options)
-    assert result.engine == "torch"
+    assert (result.engine, result.reason) == ("torch", reason)
+    assert result.summary().endswith(f"[torch engine: {reason}]")
     with pytest.raises(CheckpointError, match="the torch-free engine cannot consolidate this checkpoint"):
         consolidate(tmp_path / "ckpt", tmp_path / "out2", engine="torch-free", **options)
+    assert not (tmp_path / "out2").exists()
     argv = ["consolidate", tmp_path / "ckpt", tmp_path / "out3", "--engine", "torch-free"]
     argv += [f"--{k}" if v is True else f"--{k}={v}" for k, v in options.items()]
     code, _, err = _run_cli(capsys, *argv)
-    assert code == 2 and "torch-free engine cannot consolidate" in err and err.count("\n") == 1
+    assert code == 2 and err.count("\n") == 1
+    assert err.rstrip().endswith(f"{tmp_path / 'ckpt'}: the torch-free engine cannot consolidate this checkpoint: {reason}")
+
+
+def test_the_summary_names_the_engine_and_why(tmp_path, capsys):
+    ckpt, _ = _write(tmp_path / "ckpt", "ours tp2")
+    code, out, _ = _run_cli(capsys, "consolidate", ckpt, tmp_path / "free", "--no-progress")
+    assert code == 0 and out.rstrip().endswith("[torch-free engine]")
+    code, out, _ = _run_cli(capsys, "consolidate", ckpt, tmp_path / "torch", "--no-progress", "--engine", "torch")
+    assert code == 0 and out.rstrip().endswith("[torch engine: asked for (engine='torch')]")
+    code, out, _ = _run_cli(capsys, "consolidate", ckpt, tmp_path / "cast", "--no-progress", "--dtype", "fp32")
+    assert code == 0 and out.rstrip().endswith("[torch engine: a dtype cast (fp32)]")
+
+
+def test_a_bug_while_planning_is_raised_not_left_to_torch(tmp_path, monkeypatch):
+    """Only `Unsupported` and `CheckpointError` are reasons to take the torch engine: any other error of the
+    torch-free planner is a bug, and surfaces as such instead of silently switching engines."""
+    ckpt, _ = _write(tmp_path / "ckpt", "ours tp2")
+
+    def buggy_outputs(*args, **kwargs):
+        raise KeyError("a bug in the planner")
+
+    monkeypatch.setattr("optimum_neuron_peft.checkpoint.torch_free_plan.group_outputs", buggy_outputs)
+    with pytest.raises(KeyError, match="a bug in the planner"):
+        consolidate(ckpt, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert consolidate(ckpt, tmp_path / "out", engine="torch").engine == "torch"  # the torch engine is not asked
+
+
+def test_the_library_api_imports_no_torch_on_the_torch_free_engine(tmp_path):
+    ckpt, _ = _write(tmp_path / "ckpt", "optimum-neuron tp2")
+    code = (
+        "import sys; from optimum_neuron_peft.checkpoint import consolidate; r = consolidate(sys.argv[1], sys.argv[2]); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "
+        "assert not heavy, f'imported {heavy}'; assert r.engine == 'torch-free' and r.reason is None"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
 
 
 def _edit_metadata(root: Path, edit) -> None:
