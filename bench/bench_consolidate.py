@@ -13,7 +13,7 @@ that alternate the cases (median of the rounds reported):
   optimum-neuron's consolidation does);
 - the same plain command with an empty key cache (Llama's expected keys are derived from config.json, no cache);
 - the fixed start-up costs inside those figures: the interpreter + the imports of the torch-free CLI path, and
-  ``python -c "import optimum_neuron_peft.checkpoint.consolidate"`` (the torch engine: interpreter + torch).
+  ``python -c "import optimum_neuron_peft.checkpoint.torch_engine"`` (the torch engine: interpreter + torch).
 
 All inputs are in the page cache (written just before; nothing is dropped), for every measurement alike. On a
 shared machine, run it alone (``flock /tmp/cpu.lock python bench/...``).
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from optimum_neuron_peft.checkpoint.optimum_neuron import metadata_file_name, rank_file_name
-from optimum_neuron_peft.checkpoint.sharded import (
+from optimum_neuron_peft.checkpoint.native_format import (
     common_dtype,
     metadata_path,
     rank_file_path,
@@ -46,7 +46,7 @@ from optimum_neuron_peft.checkpoint.sharded import (
     write_manifest,
     write_rank_file,
 )
-from optimum_neuron_peft.checkpoint.synthetic import llama_layout
+from optimum_neuron_peft.checkpoint.tp_layout import llama_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "checkpoint"))  # the test fixtures' writer
 from optimum_neuron_writer import write_metadata  # noqa: E402
@@ -161,8 +161,8 @@ def measure(root: Path, rounds: int, skip_baseline: bool = False) -> dict:
         "consolidate --engine torch (ours)": lambda out: [*consolidate, str(root / "ours"), str(out), "--no-progress", "--engine", "torch"],
         "whole-in-memory baseline": lambda out: [py, "-c", BASELINE, str(root / "on"), str(out)],
         # The fixed costs inside the consolidate figures above: interpreter start + imports.
-        "python + imports, torch-free CLI path": lambda out: [py, "-c", "import optimum_neuron_peft.cli.consolidate, optimum_neuron_peft.checkpoint.engine, optimum_neuron_peft.checkpoint.torch_free"],
-        "python + imports, torch engine": lambda out: [py, "-c", "import optimum_neuron_peft.checkpoint.consolidate"],
+        "python + imports, torch-free CLI path": lambda out: [py, "-c", "import optimum_neuron_peft.cli.consolidate, optimum_neuron_peft.checkpoint.consolidate, optimum_neuron_peft.checkpoint.torch_free"],
+        "python + imports, torch engine": lambda out: [py, "-c", "import optimum_neuron_peft.checkpoint.torch_engine"],
     }
     if skip_baseline:
         del cases["whole-in-memory baseline"]

@@ -2,7 +2,7 @@
 Transformers / PEFT directories, resharding and verification. See docs/checkpoint_formats.md.
 
 The public names are resolved on first use (PEP 562), so the torch-free consolidation path
-(`checkpoint.engine`, `checkpoint.torch_free`) imports its modules without importing torch through this package.
+(`checkpoint.consolidate`, `checkpoint.torch_free`) imports its modules without importing torch through this package.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from typing import Any
 
 # public name -> submodule defining it
 _EXPORTS = {
-    "ConsolidationResult": ".consolidation",
-    "consolidate": ".engine",  # the dispatch: imports torch only when the torch engine runs
+    "ConsolidationResult": ".engine_common",
+    "consolidate": ".consolidate",  # the dispatch: imports torch only when the torch engine runs
     "reshard": ".reshard",
     "save_sharded_checkpoint": ".save",
     "save_sharded_checkpoint_distributed": ".save",

@@ -11,8 +11,8 @@
   iovec per row costs more than the extra copy; numpy's uint8 strided copy measured ~4 GB/s here, torch's int16
   ``copy_`` 3 GB/s, its bf16 one 0.3 GB/s). `gather_columns` is the same into a torch tensor.
 
-Torch-free at import (numpy too): the torch-free consolidation path uses these with `stored.StoredTensor` sources
-(the same attributes as `lazy.LazyTensor`); the tensor-facing helpers import torch, `Scratch` numpy, when used.
+Torch-free at import (numpy too): the torch-free consolidation path uses these with `stored_tensor.StoredTensor` sources
+(the same attributes as `lazy_tensor.LazyTensor`); the tensor-facing helpers import torch, `Scratch` numpy, when used.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     import numpy as np
     import torch
 
-    from ..formats.lazy import LazyTensor
+    from ..formats.lazy_tensor import LazyTensor
 
 ByteRange = tuple[Path, int, int]  # (file, offset, length)
 _IOV_MAX = 1024
@@ -75,7 +75,7 @@ class SourceFiles:
 
 
 def data_offset(lazy: LazyTensor) -> int:
-    """File offset of the tensor's first byte (``lazy``: a `LazyTensor` or a `stored.StoredTensor`)."""
+    """File offset of the tensor's first byte (``lazy``: a `LazyTensor` or a `stored_tensor.StoredTensor`)."""
     return lazy.offset + lazy.storage_offset * lazy.itemsize
 
 
@@ -221,7 +221,7 @@ def gather_column_bytes(
     files: SourceFiles, provenance: ColumnGather, sources: Sequence[Sequence[Any]], out: np.ndarray, scratch: Scratch
 ) -> bool:
     """Fill ``out`` (uint8, one row of the 2-D output per row) from its column provenance; False (nothing read)
-    when a shard is not dense. ``sources[k][r]``: `LazyTensor` or `stored.StoredTensor` of source k, rank r.
+    when a shard is not dense. ``sources[k][r]``: `LazyTensor` or `stored_tensor.StoredTensor` of source k, rank r.
 
     Each shard is read whole (one contiguous read) into scratch memory, then its column ranges are copied into
     their slots of ``out`` (strided copies: a few per shard, no Python loop over rows)."""

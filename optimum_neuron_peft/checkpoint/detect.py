@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from .optimum_neuron import OptimumNeuronCheckpoint
-from .sharded import ShardedCheckpoint, is_sharded_checkpoint
+from .native_format import ShardedCheckpoint, is_sharded_checkpoint
 
 Checkpoint = ShardedCheckpoint | OptimumNeuronCheckpoint
 

@@ -34,7 +34,7 @@ from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json, validate
 from .schemas import METADATA_SCHEMA
-from ..formats.stored import StoredTensor
+from ..formats.stored_tensor import StoredTensor
 from ..formats.torch_zip import (
     TensorReference,
     load_plain_pickle,
@@ -43,7 +43,7 @@ from ..formats.torch_zip import (
 )
 
 if TYPE_CHECKING:
-    from ..formats.lazy import LazyTensor
+    from ..formats.lazy_tensor import LazyTensor
 
 Serialization = Literal["plain", "xser"]
 
@@ -401,7 +401,7 @@ def adapter_key_from_metadata_name(name: str, adapter_name: str) -> str | None:
 
 def open_rank_file(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """Open one rank file, plain or xser, as ``{name: LazyTensor}`` without reading tensor data (`scan_rank_file`)."""
-    from .lazy import LazyTensor
+    from .lazy_tensor import LazyTensor
 
     return {key: LazyTensor.from_stored(stored) for key, stored in scan_rank_file(path).items()}
 

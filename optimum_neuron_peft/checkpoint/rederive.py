@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..formats.lazy import LazyTensor, open_safetensors
+from ..formats.lazy_tensor import LazyTensor, open_safetensors
 from ..formats.torch_zip import open_torch_state_dict
 from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict

@@ -34,10 +34,10 @@ from ..utils.atomic import atomic_output_dir, check_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
 from .schemas import ADAPTER_CONFIG_SCHEMA, MODEL_CONFIG_SCHEMA, read_index_files
-from .consolidate import original_weights
-from ..formats.lazy import LazyTensor, open_safetensors
+from .torch_engine import original_weights
+from ..formats.lazy_tensor import LazyTensor, open_safetensors
 from .optimum_neuron import ADAPTER_CONFIG, ROOT_FILES
-from .sharded import (
+from .native_format import (
     MANIFEST,
     common_dtype,
     copy_root_files,
@@ -50,7 +50,7 @@ from .sharded import (
 )
 from .source import Part, checked, dry_tensor, open_checkpoint, select_parts, source_format_of
 from .stream_writer import FileRecord, SafetensorsStreamWriter, TensorPlan
-from .synthetic import plan_layout
+from .tp_layout import plan_layout
 
 
 @dataclass

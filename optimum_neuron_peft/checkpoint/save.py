@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CheckpointError, OptimumNeuronPeftError
 from ..utils.atomic import atomic_output_dir
-from .sharded import (
+from .native_format import (
     common_dtype,
     copy_root_files,
     metadata_path,

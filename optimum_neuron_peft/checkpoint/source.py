@@ -18,7 +18,7 @@ from ..transformations import ModelWeightTransformationSpecs, parse_metadata
 from ..transformations.names import normalize_parameters_metadata, remove_base_layer
 from .detect import Checkpoint, open_checkpoint, source_format_of  # noqa: F401 (re-exported)
 from .grouping import Group, check_ranks_agree, group_tensors
-from ..formats.lazy import LazyTensor, open_safetensors
+from ..formats.lazy_tensor import LazyTensor, open_safetensors
 from .optimum_neuron import ShardedPart, open_rank_file, strip_key_prefix
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
 

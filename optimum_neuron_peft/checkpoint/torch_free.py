@@ -3,7 +3,7 @@
 Every weight of a full model (GQA attention, fused MLP, row/column-parallel and replicated parameters) is a pure
 data move of the saved shards, so consolidating one needs no tensor math: `torch_free_plan` declares where each
 output's bytes are, and this module copies them, without importing torch (whose import alone takes ~2 s, as long
-as copying a few GB). The output is byte for byte what the torch engine (`consolidate`) writes: the same shard
+as copying a few GB). The output is byte for byte what the torch engine (`torch_engine`) writes: the same shard
 split (`hf_output.split_into_files`), the same safetensors headers (`stream_writer.safetensors_layout`), the same
 root files; tests check it.
 
@@ -14,7 +14,7 @@ headers fix, so neither waits for the other (the copies release the GIL: the ker
 both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
 
 Applies when the checkpoint holds the model only (no adapter) in plain, xser or safetensors rank files, the output is
-safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor: `engine` decides,
+safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor: `consolidate` decides,
 and says why when it is not this engine.
 """
 
@@ -32,7 +32,7 @@ from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
 from .loadability import ExpectedModelKeys, mismatch_error
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
-from .consolidation import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
+from .engine_common import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
 from ..transformations.pieces import RowCopy
 from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
@@ -40,7 +40,7 @@ from .torch_free_plan import ModelPlan, PlannedTensor
 
 def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
     """Write ``plan`` (of ``checkpoint_dir``, by `torch_free_plan.plan_model`) to ``output_dir``, atomically, and
-    check that Transformers would load its keys. `engine.choose_engine` made the plan and checked the options."""
+    check that Transformers would load its keys. `consolidate.choose_engine` made the plan and checked the options."""
     o = options
     start = time.perf_counter()
     config_file = plan.checkpoint.config_file

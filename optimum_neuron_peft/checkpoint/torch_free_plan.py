@@ -2,7 +2,7 @@
 
 The torch engine (`source`, `consolidate.plan_part`) builds spec objects, runs them on dry tensors for the output
 shapes and on index tensors for the byte provenance. This does the same from the files' headers and the metadata's
-*declared* layouts (`declared`): rank files are read as `stored.StoredTensor` records (safetensors headers, or
+*declared* layouts (`declared`): rank files are read as `stored_tensor.StoredTensor` records (safetensors headers, or
 `optimum_neuron.scan_rank_file` for optimum-neuron's plain ``torch.save`` files and xser reference + tensor files),
 grouped as the torch engine groups them (`grouping`), and each group's outputs declared in the torch engine's order.
 
@@ -29,7 +29,7 @@ from .grouping import check_ranks_agree, group_tensors
 from .optimum_neuron import ShardedPart, scan_rank_file
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
 from ..transformations.pieces import Provenance
-from ..formats.stored import StoredTensor, read_safetensors_header
+from ..formats.stored_tensor import StoredTensor, read_safetensors_header
 
 
 @dataclass(frozen=True)

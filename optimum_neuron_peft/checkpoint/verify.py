@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from .consolidate import parse_dtype, plan_consolidation
+from .torch_engine import parse_dtype, plan_consolidation
 from .loadability import check_adapter_keys, check_model_keys
 from .rederive import VerifyResult, open_output, verify_targets
 

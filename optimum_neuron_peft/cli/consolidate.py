@@ -1,6 +1,6 @@
 """``optimum-neuron-peft consolidate CHECKPOINT_DIR [OUTPUT_DIR] ...``: sharded checkpoint -> Transformers/PEFT.
 
-`checkpoint.engine` chooses the engine, as for the library: a full-model checkpoint consolidated as saved goes
+`checkpoint.consolidate` chooses the engine, as for the library: a full-model checkpoint consolidated as saved goes
 through the torch-free engine (this command then never imports torch), everything else through the torch engine,
 and the printed summary says which and why.
 """
@@ -40,7 +40,7 @@ def default_output_dir(checkpoint_dir: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoint.consolidation import ConsolidateOptions  # imports no torch
+    from ..checkpoint.engine_common import ConsolidateOptions  # imports no torch
 
     options = ConsolidateOptions(
         format=args.format, max_shard_size=args.max_shard_size, adapter=args.adapter, dtype=args.dtype,
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
 
     output_dir = args.output_dir or default_output_dir(args.checkpoint_dir)
     with claimed_output(output_dir, args.overwrite, inputs=[args.checkpoint_dir]):
-        from ..checkpoint.engine import consolidate_with  # imports torch only for the torch engine
+        from ..checkpoint.consolidate import consolidate_with  # imports torch only for the torch engine
 
         result = consolidate_with(args.checkpoint_dir, output_dir, options, engine=args.engine)
     print(result.summary() + (" (verified)" if args.verify else ""))

@@ -9,7 +9,7 @@ Safety model: :class:`RestrictedUnpickler` resolves a global only through an exp
 objects (``collections.OrderedDict``, our own rebuild functions, dtype and storage-type markers, a local stand-in for
 ``TensorReference``); anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``...) raises
 :class:`UnsafePickleError` before it is called. Nothing from torch is called by the pickle: the rebuild functions are
-ours and return `stored.StoredTensor` records (dtype by name, shape, stride, storage offset, byte offset of the
+ours and return `stored_tensor.StoredTensor` records (dtype by name, shape, stride, storage offset, byte offset of the
 storage member in the zip).
 
 Two layers: the ``scan_*`` functions read a rank file without torch (for the torch-free consolidation path:
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import CheckpointError, UnsafePickleError
 from .dtypes import DTYPES, dtype_name, itemsize
-from .stored import StoredTensor
+from .stored_tensor import StoredTensor
 
 if TYPE_CHECKING:
-    from .lazy import LazyTensor
+    from .lazy_tensor import LazyTensor
 
 # The pickled part of a rank or metadata file (names, shapes, offsets) is a few MB for the largest models: more is
 # refused before it is read, so a small hostile file cannot make a reader allocate gigabytes.
@@ -419,7 +419,7 @@ def _unpickle(path: str | os.PathLike, references: bool) -> Any:
 
 def _as_lazy(value: Any) -> Any:
     """``value`` with every `StoredTensor` (at the top, or inside dicts, lists and tuples) as a `LazyTensor`."""
-    from .lazy import LazyTensor
+    from .lazy_tensor import LazyTensor
 
     if isinstance(value, StoredTensor):
         return LazyTensor.from_stored(value)

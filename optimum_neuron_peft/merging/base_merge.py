@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from ..checkpoint.schemas import read_index_files
-from ..formats.stored import read_safetensors_header
+from ..formats.stored_tensor import read_safetensors_header
 from ..errors import MergeError
 from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir, check_output_dir

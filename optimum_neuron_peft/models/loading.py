@@ -18,8 +18,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from ..formats.dtypes import torch_dtype
-from ..formats.lazy import read_exact_into
-from ..formats.stored import StoredTensor, read_safetensors_header
+from ..formats.lazy_tensor import read_exact_into
+from ..formats.stored_tensor import StoredTensor, read_safetensors_header
 from ..errors import CheckpointError, SpecError
 from ..parallel import GQAQKVColumnParallelLinear
 from ..transformations import adapt_state_dict
@@ -34,7 +34,7 @@ _FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 class FileSlice:
-    """A lazy tensor of a safetensors file (a checked header entry, `formats.stored.StoredTensor`).
+    """A lazy tensor of a safetensors file (a checked header entry, `formats.stored_tensor.StoredTensor`).
 
     Two ways to read it, chosen by the sharding functions:
 

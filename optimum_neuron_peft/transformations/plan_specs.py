@@ -1,6 +1,6 @@
 """The weight transformation specs of the parallel plan's fused groups (`parallel_plan.FUSED_GROUPS`).
 
-One builder for the model (`models.plan.ParallelPlan`), the checkpoint layout (`checkpoint.synthetic.plan_layout`)
+One builder for the model (`models.plan.ParallelPlan`), the checkpoint layout (`checkpoint.tp_layout.plan_layout`)
 and `reshard`, so that the three always agree on a group's spec.
 """
 

@@ -20,6 +20,7 @@ from typing import Mapping, Sequence
 
 from ..errors import SpecError
 from .gqa_layout import KV_LAYOUTS, gqa_shape_problem, kv_head_indices_for_rank, query_head_indices_for_rank
+from .parallel_plan import COLUMN, LORA_PARTITION_DIM, ROW
 from .pieces import Block, SavedLayout, Shape, merge_blocks, rank_shapes, replicated, sharded
 
 Shapes = Mapping[str, Sequence[Shape]]  # saved name -> its shape on each rank
@@ -235,8 +236,9 @@ class FusedLinearsFields(_LinearParams):
         """One linear's ``lora`` ("lora_A" / "lora_B") weight saved as ``name``: sharded like the base weight
         (lora_B of a column-fused linear along dim 0, lora_A of a row-fused one along dim 1; ``size``: the full
         size along that dim), else whole on every rank (``size`` rows)."""
-        if (lora, self.fuse_axis) in (("lora_B", 0), ("lora_A", 1)):
-            return sharded(name, original, size, self.tp_size, self.fuse_axis)
+        sharded_lora, dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]  # the plan's one LoRA rule
+        if lora == sharded_lora:
+            return sharded(name, original, size, self.tp_size, dim)
         return replicated(name, original, size, self.tp_size)
 
     def saved_layouts(self, module_fully_qualified_name: str, shapes: Shapes) -> list[SavedLayout]:

@@ -12,10 +12,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from optimum_neuron_peft.checkpoint.consolidation import SLEEP_ENV
+from optimum_neuron_peft.checkpoint.engine_common import SLEEP_ENV
 from optimum_neuron_writer import write_optimum_neuron_checkpoint
 from optimum_neuron_peft.checkpoint.save import AdapterShards, save_sharded_checkpoint
-from optimum_neuron_peft.checkpoint.synthetic import (
+from optimum_neuron_peft.checkpoint.tp_layout import (
     LORA_TARGETS,
     llama_layout,
     merge_adapter_metadata,

@@ -9,7 +9,8 @@ import sys
 import pytest
 import torch
 
-from optimum_neuron_peft.checkpoint.consolidate import consolidate, plan_consolidation
+from optimum_neuron_peft.checkpoint.consolidate import consolidate
+from optimum_neuron_peft.checkpoint.torch_engine import plan_consolidation
 from optimum_neuron_peft.transformations.pieces import ColumnGather, RowCopy
 
 from consolidation_helpers import (
@@ -94,7 +95,7 @@ def test_every_llama_output_is_a_byte_move(tmp_path, tp):
 
 
 def _without_provenance(monkeypatch):
-    module = sys.modules["optimum_neuron_peft.checkpoint.consolidate"]  # the package re-exports the function
+    module = sys.modules["optimum_neuron_peft.checkpoint.torch_engine"]
     monkeypatch.setattr(module, "_derive_provenance", lambda *args: {})
 
 

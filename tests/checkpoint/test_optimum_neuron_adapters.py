@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from consolidation_helpers import assert_bit_equal, write_optimum_neuron_adapters
 from optimum_neuron_peft.checkpoint import consolidate, reshard, verify
-from optimum_neuron_peft.checkpoint.synthetic import LORA_TARGETS
+from optimum_neuron_peft.checkpoint.tp_layout import LORA_TARGETS
 
 CONFIGS = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config, "granite": transformers.GraniteConfig}
 

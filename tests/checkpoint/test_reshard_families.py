@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from optimum_neuron_peft.checkpoint.consolidate import consolidate
 from optimum_neuron_peft.checkpoint.reshard import reshard
-from optimum_neuron_peft.checkpoint.sharded import metadata_path, rank_file_path
+from optimum_neuron_peft.checkpoint.native_format import metadata_path, rank_file_path
 from optimum_neuron_peft.errors import CheckpointError
 from optimum_neuron_peft.parallel.launch import spawn
 

@@ -10,8 +10,8 @@ import torch
 from optimum_neuron_peft.checkpoint.consolidate import consolidate
 from optimum_neuron_peft.checkpoint.reshard import reshard
 from optimum_neuron_peft.checkpoint.save import save_sharded_checkpoint, save_sharded_checkpoint_distributed
-from optimum_neuron_peft.checkpoint.sharded import FORMAT_NAME, ShardedCheckpoint
-from optimum_neuron_peft.checkpoint.synthetic import llama_layout
+from optimum_neuron_peft.checkpoint.native_format import FORMAT_NAME, ShardedCheckpoint
+from optimum_neuron_peft.checkpoint.tp_layout import llama_layout
 from optimum_neuron_peft.errors import CheckpointError
 from optimum_neuron_peft.parallel.launch import spawn
 

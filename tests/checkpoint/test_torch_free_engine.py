@@ -1,4 +1,4 @@
-"""The torch-free consolidation engine (`checkpoint.torch_free`) and the dispatch (`checkpoint.engine`): the same
+"""The torch-free consolidation engine (`checkpoint.torch_free`) and the dispatch (`checkpoint.consolidate`): the same
 plan and the same output bytes as the torch engine, no torch import on the CLI or library path, and the torch
 engine, with the reason stated, for everything it does not take."""
 
@@ -15,9 +15,10 @@ import pytest
 import torch
 import transformers
 
-from optimum_neuron_peft.checkpoint.consolidate import consolidate, plan_consolidation
-from optimum_neuron_peft.checkpoint.consolidation import ConsolidateOptions
-from optimum_neuron_peft.checkpoint.engine import choose_engine
+from optimum_neuron_peft.checkpoint.consolidate import consolidate
+from optimum_neuron_peft.checkpoint.torch_engine import plan_consolidation
+from optimum_neuron_peft.checkpoint.engine_common import ConsolidateOptions
+from optimum_neuron_peft.checkpoint.consolidate import choose_engine
 from optimum_neuron_peft.checkpoint.torch_free_plan import plan_model
 from optimum_neuron_peft.formats.torch_zip import open_torch_dict, scan_torch_dict
 from optimum_neuron_peft.cli import main

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from optimum_neuron_peft.formats.lazy import LazyTensor, open_safetensors
+from optimum_neuron_peft.formats.lazy_tensor import LazyTensor, open_safetensors
 from optimum_neuron_peft.formats.torch_zip import (
     TensorReference,
     load_plain_pickle,

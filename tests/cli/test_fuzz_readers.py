@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from optimum_neuron_peft.checkpoint.optimum_neuron import load_metadata, normalize_parameters_metadata, open_rank_file
 from optimum_neuron_peft.checkpoint.schemas import read_index_files
-from optimum_neuron_peft.checkpoint.sharded import read_manifest
-from optimum_neuron_peft.formats.stored import read_safetensors_header
+from optimum_neuron_peft.checkpoint.native_format import read_manifest
+from optimum_neuron_peft.formats.stored_tensor import read_safetensors_header
 from optimum_neuron_peft.formats.torch_zip import open_torch_dict
 from optimum_neuron_peft.errors import OptimumNeuronPeftError
 from optimum_neuron_peft.merging.adapter_io import load_adapter

@@ -135,7 +135,7 @@ def test_two_real_runs_into_one_output(tmp_path, capsys):
     import torch
     from consolidation_helpers import model_state, write_ours
 
-    from optimum_neuron_peft.checkpoint.consolidation import SLEEP_ENV
+    from optimum_neuron_peft.checkpoint.engine_common import SLEEP_ENV
 
     write_ours(tmp_path / "ckpt", 2, model=model_state(torch.float32))
     out = tmp_path / "out"

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from optimum_neuron_peft.errors import CheckpointError, SpecError
 from optimum_neuron_peft.models import AutoModelForCausalLM
-from optimum_neuron_peft.formats.stored import read_safetensors_header
+from optimum_neuron_peft.formats.stored_tensor import read_safetensors_header
 from optimum_neuron_peft.models.loading import FileSlice
 from optimum_neuron_peft.transformations.sharding import gather_blocks, take_blocks
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from optimum_neuron_peft import FusedLinearsSpec
-from optimum_neuron_peft.formats.stored import read_safetensors_header
+from optimum_neuron_peft.formats.stored_tensor import read_safetensors_header
 from optimum_neuron_peft.models.loading import FileSlice
 from optimum_neuron_peft.transformations.gqa_qkv import GQAQKVColumnParallelLinearSpec
 from spec_cases import attention_weights, shard_all_ranks

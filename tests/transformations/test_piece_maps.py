@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from optimum_neuron_peft.checkpoint.byte_copy import SourceFiles, Scratch, gather_column_bytes, read_ranges_into_bytes, row_ranges
 from optimum_neuron_peft.checkpoint.declared import DECLARED_SPECS, GroupShapes, DeclaredLayout, declared_spec, group_outputs
-from optimum_neuron_peft.formats.stored import read_safetensors_header
+from optimum_neuron_peft.formats.stored_tensor import read_safetensors_header
 from optimum_neuron_peft.errors import SpecError
 from optimum_neuron_peft.transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec, ModelWeightTransformationSpec
 from optimum_neuron_peft.transformations.pieces import (

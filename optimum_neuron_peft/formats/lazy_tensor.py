@@ -1,10 +1,10 @@
-"""Lazy handles on tensors stored inside files (torch side of `stored`).
+"""Lazy handles on tensors stored inside files (torch side of `stored_tensor`).
 
 A :class:`LazyTensor` records where a tensor's bytes live (file, byte offset, dtype, shape, strides) and reads them
 only when :meth:`LazyTensor.load` is called. Reading goes through ``readinto`` into a freshly allocated tensor, so the
 returned tensor owns its memory and nothing (no mmap, no whole-file buffer) stays alive after it is freed: this is
 what lets the consolidation engine bound its memory to the tensors it holds at one time. Header parsing and layout
-checks are torch-free, in `stored`; this module adds torch dtypes and reading.
+checks are torch-free, in `stored_tensor`; this module adds torch dtypes and reading.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from ..errors import CheckpointError
 from .dtypes import torch_dtype
-from .stored import StoredTensor, TensorPlacement, check_layout, read_safetensors_header
+from .stored_tensor import StoredTensor, TensorPlacement, check_layout, read_safetensors_header
 
 # A read of more than 2 GiB is split by the kernel anyway; asking for at most this much per call keeps the loop simple.
 _MAX_READ = 1 << 30

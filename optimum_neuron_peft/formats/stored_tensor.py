@@ -2,7 +2,7 @@
 
 `StoredTensor` is what reading a rank file's header (safetensors) or pickle (`torch_zip`) yields: name, shape,
 dtype *name*, file, byte offset of its storage, and its layout in that storage. The torch path wraps it in a
-`lazy.LazyTensor` (same fields, torch dtype, a ``load`` method); the torch-free consolidation path uses it as is.
+`lazy_tensor.LazyTensor` (same fields, torch dtype, a ``load`` method); the torch-free consolidation path uses it as is.
 Both validate the layout here, once, so a bad file fails the same way whichever path reads it.
 """
 
@@ -69,7 +69,7 @@ def check_layout(
 
 
 class TensorPlacement:
-    """Sizes and layout shared by `StoredTensor` and `lazy.LazyTensor`, from their ``shape``, ``stride``,
+    """Sizes and layout shared by `StoredTensor` and `lazy_tensor.LazyTensor`, from their ``shape``, ``stride``,
     ``storage_offset`` and ``itemsize`` (the one place the two differ: a dtype name here, a torch dtype there)."""
 
     __slots__ = ()
@@ -97,7 +97,7 @@ class TensorPlacement:
 
 @dataclass(frozen=True, slots=True)
 class StoredTensor(TensorPlacement):
-    """One tensor inside a file (fields as `lazy.LazyTensor`'s, with the dtype by name); validated when built.
+    """One tensor inside a file (fields as `lazy_tensor.LazyTensor`'s, with the dtype by name); validated when built.
 
     ``offset`` is the absolute byte offset in ``file`` of element 0 of the tensor's storage, ``storage_nbytes``
     that storage's size, ``storage_offset``/``stride`` (in elements) the tensor's place in it.

@@ -1,6 +1,6 @@
 """What the two consolidation engines share: argument checks, the test hook, copying root files, the result.
 
-`engine` picks the torch-free engine (`torch_free`) or the torch engine (`consolidate`) and checks the arguments
+`consolidate` picks the torch-free engine (`torch_free`) or the torch engine (`torch_engine`) and checks the arguments
 here first, with the same messages for both; both return a `ConsolidationResult`. Torch-free.
 """
 
@@ -22,7 +22,7 @@ FORMATS = ("safetensors", "pytorch")
 
 @dataclass(frozen=True)
 class ConsolidateOptions:
-    """The options of `engine.consolidate` that both engines read (the CLI builds them without torch)."""
+    """The options of `consolidate.consolidate` that both engines read (the CLI builds them without torch)."""
 
     format: str = "safetensors"
     max_shard_size: int | str = "5GB"
@@ -42,7 +42,7 @@ class ConsolidationResult:
     seconds: float
     directories: dict[str, Path] = field(default_factory=dict)  # "model" / adapter name -> directory
     engine: str = "torch"  # "torch-free" when written by byte copies without importing torch (`torch_free`)
-    reason: str | None = None  # why the torch engine took it (`engine.choose_engine`)
+    reason: str | None = None  # why the torch engine took it (`consolidate.choose_engine`)
 
     def summary(self) -> str:
         rate = self.bytes / self.seconds / 1e9 if self.seconds > 0 else float("inf")
