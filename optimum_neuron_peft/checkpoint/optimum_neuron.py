@@ -401,7 +401,7 @@ def adapter_key_from_metadata_name(name: str, adapter_name: str) -> str | None:
 
 def open_rank_file(path: str | os.PathLike) -> dict[str, LazyTensor]:
     """Open one rank file, plain or xser, as ``{name: LazyTensor}`` without reading tensor data (`scan_rank_file`)."""
-    from .lazy_tensor import LazyTensor
+    from ..formats.lazy_tensor import LazyTensor
 
     return {key: LazyTensor.from_stored(stored) for key, stored in scan_rank_file(path).items()}
 
