@@ -21,7 +21,6 @@ import torch
 from ..errors import CheckpointError
 from ..formats.lazy_tensor import LazyTensor, open_safetensors
 from ..formats.torch_zip import open_torch_state_dict
-from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import adapt_state_dict
 from ..utils.safe_paths import check_inside
 from .schemas import read_index_files
@@ -62,10 +61,8 @@ def _fused_orders(specs) -> dict[str, list[str]]:
     """fused module suffix -> order of its projections' suffixes (``qkv_proj`` -> [q, k, v])."""
     orders = {}
     for spec in specs:
-        if isinstance(spec, GQAQKVColumnParallelLinearSpec):
-            orders[spec.gqa_qkv_projection_name] = ["q", "k", "v"]
-        elif isinstance(spec, FusedLinearsSpec):
-            orders[spec.fused_linear_name] = list(spec.linear_names)
+        for fused, projections in spec.fused_projections().items():
+            orders[fused] = list(projections.keys)
     return orders
 
 

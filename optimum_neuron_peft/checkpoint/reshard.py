@@ -22,11 +22,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..transformations import (
-    FusedLinearsSpec,
-    GQAQKVColumnParallelLinearSpec,
-    ModelWeightTransformationSpecs,
-)
+from ..transformations import ModelWeightTransformationSpecs
 from ..transformations.model import adapt_state_dict, normalize_parameters_metadata
 from ..transformations.names import add_adapter_name, remove_adapter_name, split_lora_name
 from ..transformations.parallel_plan import COLUMN, FAMILIES, lora_partition_dim, replicated, sharded
@@ -69,28 +65,8 @@ class ReshardResult:
         )
 
 
-def retarget_spec(spec: Any, tp_size: int) -> Any:
-    """The same spec for another tp size (the GQA kv_size_multiplier becomes the smallest valid one)."""
-    if isinstance(spec, GQAQKVColumnParallelLinearSpec):
-        new = GQAQKVColumnParallelLinearSpec.create(
-            num_attention_heads=spec.num_attention_heads, num_key_value_heads=spec.num_key_value_heads,
-            head_dim=spec.head_dim, tp_size=tp_size, fuse_qkv=spec.fuse_qkv, bias=spec.bias, kv_layout=spec.kv_layout,
-            gqa_qkv_projection_name=spec.gqa_qkv_projection_name, query_projection_name=spec.query_projection_name,
-            key_projection_name=spec.key_projection_name, value_projection_name=spec.value_projection_name,
-            output_projection_name=spec.output_projection_name,
-        )
-    elif isinstance(spec, FusedLinearsSpec):
-        new = FusedLinearsSpec(
-            spec.fused_linear_name, list(spec.linear_names), spec.bias, spec.fuse_axis, list(spec.original_dims), tp_size=tp_size
-        )
-    else:
-        raise CheckpointError(f"cannot reshard: no rule to re-target {type(spec).__name__} to another tp size")
-    new.peft_type = spec.peft_type
-    return new
-
-
 def retarget_specs(group: ModelWeightTransformationSpecs, tp_size: int) -> ModelWeightTransformationSpecs:
-    return ModelWeightTransformationSpecs(group.module_fully_qualified_name, [retarget_spec(s, tp_size) for s in group])
+    return ModelWeightTransformationSpecs(group.module_fully_qualified_name, [s.with_tp_size(tp_size) for s in group])
 
 
 @dataclass

@@ -32,7 +32,6 @@ import torch
 from tqdm import tqdm
 
 from ..errors import CheckpointError
-from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.model import to_original_weights
 from ..transformations.names import PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir
@@ -189,10 +188,7 @@ def _fused_names_of(specs) -> list[tuple[str, tuple[str, ...]]]:
     """(fused module name, its original projections) for each spec of a module."""
     names = []
     for spec in specs:
-        if isinstance(spec, GQAQKVColumnParallelLinearSpec):
-            names.append((spec.gqa_qkv_projection_name, (spec.query_projection_name, spec.key_projection_name, spec.value_projection_name)))
-        elif isinstance(spec, FusedLinearsSpec):
-            names.append((spec.fused_linear_name, tuple(spec.linear_names)))
+        names += [(fused, projections.original_names) for fused, projections in spec.fused_projections().items()]
     return names
 
 

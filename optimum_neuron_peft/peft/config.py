@@ -34,7 +34,6 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..parallel import ColumnParallelLinear, GQAQKVColumnParallelLinear, ParallelEmbedding, RowParallelLinear
-from ..transformations import FusedLinearsSpec, GQAQKVColumnParallelLinearSpec
 from ..transformations.base import CustomModule
 from ..transformations.names import SUPPORTED_PEFT_TYPES, is_supported_peft_type, peft_type_name
 from .fused import FUSED_LAYOUT_ATTRIBUTE, FusedProjections, column_parallel_lora
@@ -67,22 +66,12 @@ def fused_layouts(model: nn.Module) -> dict[str, FusedProjections]:
     for name, module in unwrap_model(model).named_modules():
         if not isinstance(module, CustomModule):
             continue
+        prefix = f"{name}." if name else ""
         for spec in module.specs:
-            prefix = f"{name}." if name else ""
-            if isinstance(spec, GQAQKVColumnParallelLinearSpec):
-                hd = spec.head_dim
-                layouts[prefix + spec.gqa_qkv_projection_name] = FusedProjections(
-                    keys=("q", "k", "v"),
-                    original_names=(spec.query_projection_name, spec.key_projection_name, spec.value_projection_name),
-                    out_features=(spec.num_attention_heads * hd, spec.num_key_value_heads * hd, spec.num_key_value_heads * hd),
-                )  # fmt: skip
-            elif isinstance(spec, FusedLinearsSpec):
-                if spec.fuse_axis != 0:
-                    raise ConfigError(f"{prefix}{spec.fused_linear_name}: LoRA on row-fused linears is not supported")
-                layouts[prefix + spec.fused_linear_name] = FusedProjections(
-                    keys=tuple(spec.linear_names), original_names=tuple(spec.linear_names),
-                    out_features=tuple(spec.original_dims),
-                )  # fmt: skip
+            for fused, projections in spec.fused_projections().items():
+                if projections.fuse_axis != 0:
+                    raise ConfigError(f"{prefix}{fused}: LoRA on row-fused linears is not supported")
+                layouts[prefix + fused] = projections
     return layouts
 
 
@@ -308,9 +297,9 @@ def annotate_fused_layers(model: nn.Module, layouts: dict | None = None) -> None
         if not isinstance(module, CustomModule):
             continue
         for spec in module.specs:
-            if isinstance(spec, GQAQKVColumnParallelLinearSpec):
-                qkv = _base(module.get_submodule(spec.gqa_qkv_projection_name))
-                output = _base(module.get_submodule(spec.output_projection_name))
+            for row_parallel, gqa in spec.permuted_input_modules().items():
+                qkv = _base(module.get_submodule(gqa))
+                output = _base(module.get_submodule(row_parallel))
                 hd = qkv.head_dim
                 columns = [h * hd + i for h in qkv.query_head_indices for i in range(hd)]
                 setattr(output, INPUT_COLUMNS_ATTRIBUTE, torch.tensor(columns, dtype=torch.long))

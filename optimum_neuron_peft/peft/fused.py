@@ -15,7 +15,6 @@ Which projections a base layer fuses is recorded on it by `annotate_fused_layers
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..parallel import reduce_gradient_in_backward
 from ..transformations.parallel_plan import COLUMN, lora_partition_dims
+from ..transformations.peft_targets import FusedProjections
 from .layers import (
     LoraColumnParallelLinear,
     ParallelLoraLayer,
@@ -38,19 +38,6 @@ from .layers import (
 )
 
 FUSED_LAYOUT_ATTRIBUTE = "lora_fused_projections"
-
-
-@dataclass(frozen=True)
-class FusedProjections:
-    """The original projections fused in a column-parallel layer, in output order.
-
-    ``keys`` name the LoRA parameters (``weight_<key>``), ``original_names`` the original modules (same parent),
-    ``out_features`` the full output size of each.
-    """
-
-    keys: tuple[str, ...]
-    original_names: tuple[str, ...]
-    out_features: tuple[int, ...]
 
 
 class LoraWeights(nn.Module):

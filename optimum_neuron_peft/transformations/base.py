@@ -17,6 +17,7 @@ import torch
 
 from ..errors import SpecError
 from .names import SUPPORTED_PEFT_TYPES
+from .peft_targets import FusedProjections
 
 # name -> spec class; specs are serialized by this name and deserialized only through this table.
 SPEC_REGISTRY: dict[str, type["ModelWeightTransformationSpec"]] = {}
@@ -53,8 +54,9 @@ def spec_class_from_name(name: str, *, where: str = "metadata") -> type["ModelWe
 class ModelWeightTransformationSpec(ABC):
     """How the weights of some original linears map to the weights of one custom module, for every tp rank.
 
-    Subclasses implement the six operations below. Names passed in and out have no adapter name (PEFT removes it
-    when saving) and no ``base_layer`` component. A spec that only moves data also defines
+    Subclasses implement the eight abstract methods below (`permuted_input_modules` has a default); nothing outside
+    a spec switches on its class. Names passed in and out have no adapter name (PEFT removes it when saving) and no
+    ``base_layer`` component. A spec that only moves data also defines
     ``saved_layouts(module, shapes)``, its piece map (`pieces`, see `spec_fields`): ``to_original_weights`` is
     then `pieces_torch.spec_to_original`, and consolidation copies its bytes instead of rebuilding tensors.
     """
@@ -98,6 +100,20 @@ class ModelWeightTransformationSpec(ABC):
         parameters_metadata: Mapping[str, Mapping[str, Any]],
     ) -> tuple[dict[str, torch.Tensor], list[str]]:
         """{custom name: [tensor per rank]} -> (original full weights, custom names consumed)."""
+
+    @abstractmethod
+    def with_tp_size(self, tp_size: int) -> "ModelWeightTransformationSpec":
+        """The same spec for another tp size, ``peft_type`` kept (resharding)."""
+
+    @abstractmethod
+    def fused_projections(self) -> dict[str, FusedProjections]:
+        """{fused module name (relative to the custom module): the original projections it holds}; {} when the
+        spec fuses nothing. The PEFT config mapping and the consolidation's adapter names read it."""
+
+    def permuted_input_modules(self) -> dict[str, str]:
+        """{row-parallel module: the fused GQA module whose local query-head order its input columns follow}
+        (row-parallel LoRA init takes the same columns); {} when the spec permutes no input columns."""
+        return {}
 
     # -- serialization (docs/checkpoint_formats.md section 3: ["ClassName", {fields..., "peft_type": ...}]) --------------------
 

@@ -28,7 +28,7 @@ import torch
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
 from .parallel_plan import COLUMN, LORA_PARTITION_DIM, ROW
-from .peft_targets import FusedModuleSpec
+from .peft_targets import FusedModuleSpec, FusedProjections
 from .pieces_torch import gather_saved, spec_to_original
 from .sharding import materialize, shard_tensor, tensor_shape
 from .spec_fields import FUSE_AXES, FusedLinearsFields
@@ -59,6 +59,13 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                     f"FusedLinearsSpec({self.fused_linear_name}): {name} has {dim} "
                     f"{'outputs' if self.fuse_axis == 0 else 'inputs'}, not divisible by tp_size={self.tp_size}"
                 )
+
+    def with_tp_size(self, tp_size: int) -> "FusedLinearsSpec":
+        return dataclasses.replace(self, tp_size=tp_size)  # re-validated by __post_init__, peft_type kept
+
+    def fused_projections(self) -> dict[str, FusedProjections]:
+        names = tuple(self.linear_names)
+        return {self.fused_linear_name: FusedProjections(names, names, tuple(self.original_dims), self.fuse_axis)}
 
     # -- names ------------------------------------------------------------------------------------------------
 

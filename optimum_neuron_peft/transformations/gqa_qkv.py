@@ -5,9 +5,9 @@ K*m*hd/tp, the rank's chunk of the m-times replicated key/value heads; with ``fu
 [q; k; v]. ``o_proj`` (row parallel) holds the columns of the same query heads, in the same order; its bias is
 neither sharded nor permuted and is left to the generic path.
 
-LoRA (names without adapter name): ours keeps one pair per projection, ``qkv_proj.lora_A.weight_{q,k,v}`` (full,
-replicated: the base layer is column parallel) and ``qkv_proj.lora_B.weight_{q,k,v}`` (rows laid out like the base
-weights). optimum-neuron's shared ``qkv_proj.lora_A.weight`` is duplicated for q, k and v, and its fused lora_B
+LoRA (names without adapter name): ours keeps one pair per projection, ``qkv_proj.lora_A.weight_{q,k,v}`` and
+``qkv_proj.lora_B.weight_{q,k,v}``, split by the column-parallel rule of `parallel_plan.LORA_PARTITION_DIM` (lora_B
+rows laid out like the base weights, lora_A whole on every rank). optimum-neuron's shared ``qkv_proj.lora_A.weight`` is duplicated for q, k and v, and its fused lora_B
 (``lora_B.weight_qkv`` or ``lora_B.weight``) is split. ``o_proj.lora_A.weight`` (sharded along its columns) follows
 the output permutation; ``o_proj.lora_B.weight`` is replicated and left to the generic path.
 
@@ -25,7 +25,8 @@ import torch
 
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
-from .peft_targets import FusedModuleSpec
+from .parallel_plan import COLUMN, LORA_PARTITION_DIM
+from .peft_targets import FusedModuleSpec, FusedProjections
 from .gqa_layout import (
     KVLayout,
     check_gqa_shape,
@@ -213,6 +214,29 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
             kv_layout=kv_layout,
         )
 
+    def with_tp_size(self, tp_size: int) -> "GQAQKVColumnParallelLinearSpec":
+        """The kv_size_multiplier becomes the smallest valid one for ``tp_size``."""
+        new = type(self).create(
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, tp_size=tp_size, fuse_qkv=self.fuse_qkv, bias=self.bias, kv_layout=self.kv_layout,
+            gqa_qkv_projection_name=self.gqa_qkv_projection_name, query_projection_name=self.query_projection_name,
+            key_projection_name=self.key_projection_name, value_projection_name=self.value_projection_name,
+            output_projection_name=self.output_projection_name,
+        )  # fmt: skip
+        new.peft_type = self.peft_type
+        return new
+
+    def fused_projections(self) -> dict[str, FusedProjections]:
+        hd, kv = self.head_dim, self.num_key_value_heads
+        projections = FusedProjections(
+            keys=QKV, original_names=tuple(self._projection_names.values()),
+            out_features=(self.num_attention_heads * hd, kv * hd, kv * hd),
+        )  # fmt: skip
+        return {self.gqa_qkv_projection_name: projections}
+
+    def permuted_input_modules(self) -> dict[str, str]:
+        return {self.output_projection_name: self.gqa_qkv_projection_name}
+
     @property
     def fused_module_name(self) -> str:
         return self.gqa_qkv_projection_name
@@ -259,17 +283,21 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
         if o_weight in state_dict:
             local[o_weight] = self._local_output(o_weight, state_dict[o_weight], tp_rank)
             consumed.append(o_weight)
-        # LoRA: one pair per projection; lora_A full (column-parallel base), lora_B laid out like the base rows.
+        # LoRA: one pair per projection, by the plan's column-parallel rule: the sharded one (lora_B, dim 0) laid out
+        # like the base rows, the other (lora_A) whole on every rank.
+        sharded_lora, _ = LORA_PARTITION_DIM[COLUMN]
         for s in QKV:
-            a, b = f"{m}.{proj[s]}.lora_A.weight", f"{m}.{proj[s]}.lora_B.weight"
-            if a in state_dict:
-                local[f"{m}.{gqa}.lora_A.weight_{s}"] = take_blocks(state_dict[a], 0, [(0, tensor_shape(state_dict[a])[0])])
-                consumed.append(a)
-            if b in state_dict:
-                self._check_rows(b, state_dict[b], s)
-                name = f"{m}.{gqa}.lora_B.weight_{s}"
-                local[name] = gather_saved(self.qkv_layout(name, {s: b}), tp_rank, state_dict)
-                consumed.append(b)
+            for lora in ("lora_A", "lora_B"):
+                original = f"{m}.{proj[s]}.{lora}.weight"
+                if original not in state_dict:
+                    continue
+                name = f"{m}.{gqa}.{lora}.weight_{s}"
+                if lora == sharded_lora:
+                    self._check_rows(original, state_dict[original], s)
+                    local[name] = gather_saved(self.qkv_layout(name, {s: original}), tp_rank, state_dict)
+                else:
+                    local[name] = take_blocks(state_dict[original], 0, [(0, tensor_shape(state_dict[original])[0])])
+                consumed.append(original)
         o_lora_a = f"{m}.{self.output_projection_name}.lora_A.weight"
         if o_lora_a in state_dict:
             local[o_lora_a] = self._local_output(o_lora_a, state_dict[o_lora_a], tp_rank)

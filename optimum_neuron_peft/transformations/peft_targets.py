@@ -9,10 +9,26 @@ model, which PEFT accepts as long as some target matches.
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ConfigError
 from .names import SUPPORTED_PEFT_TYPES, is_supported_peft_type, peft_type_name
+
+
+@dataclass(frozen=True)
+class FusedProjections:
+    """The original projections fused in one layer, in their fused order (a spec's `fused_projections`).
+
+    ``keys`` name the LoRA parameters (``weight_<key>``), ``original_names`` the original modules (same parent),
+    ``out_features`` the full size of each along the fuse axis (its outputs for ``fuse_axis`` 0, the column-parallel
+    case the fused LoRA layers handle; its inputs for 1).
+    """
+
+    keys: tuple[str, ...]
+    original_names: tuple[str, ...]
+    out_features: tuple[int, ...]
+    fuse_axis: int = 0
 
 
 def prepared(peft_config: Any, inplace: bool, spec_name: str) -> Any:

@@ -262,7 +262,7 @@ class FusedLinearsFields(_LinearParams):
                 layouts.append(self.concatenated_layout(name, originals, [whole[0] // count] * count))
             else:
                 layouts.append(self._fused_layout(name, ranks, originals, self.fuse_axis if param == "weight" else 0))
-        sharded_lora, sharded_dim = ("lora_B", 0) if self.fuse_axis == 0 else ("lora_A", 1)
+        sharded_lora, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
         for lin in self.linear_names:
             for lora in ("lora_A", "lora_B"):
                 name = f"{m}.{fused}.{lora}.weight_{lin}"

@@ -34,6 +34,7 @@ from optimum_neuron_peft.transformations.pieces import (
     replicated,
     sharded,
 )
+from optimum_neuron_peft.transformations.peft_targets import FusedProjections
 from optimum_neuron_peft.transformations.pieces_torch import gather_saved, spec_to_original
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))  # the oracle lives with the checkpoint tests
@@ -273,6 +274,13 @@ class FusedKVSpec(FusedKVFields, ModelWeightTransformationSpec):  # not register
     def to_original_weights(self, module, sharded_state_dicts, parameters_metadata):
         return spec_to_original(self, module, sharded_state_dicts)
 
+    def with_tp_size(self, tp_size):
+        return dataclasses.replace(self, tp_size=tp_size)
+
+    def fused_projections(self):
+        names = ("k_proj", "v_proj")
+        return {self.kv_proj_name: FusedProjections(names, names, (self.kv_rows, self.kv_rows))}
+
     def guess_peft_type(self, model, module_fully_qualified_name):
         return None
 
@@ -296,3 +304,6 @@ def test_the_documented_new_spec_needs_nothing_else(tmp_path, monkeypatch, tp):
     shards = _shards(spec, original)
     assert torch.equal(shards[f"{MODULE}.kv_proj.weight"][tp - 1][: 8 // tp], original[f"{MODULE}.k_proj.weight"][-(8 // tp):])
     _check(spec, original, shards, tmp_path)
+    resharded = spec.with_tp_size(2 * tp)  # what `reshard` calls
+    (tmp_path / "resharded").mkdir()
+    _check(resharded, original, _shards(resharded, original), tmp_path / "resharded")
