@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal
 from huggingface_hub.serialization._base import parse_size_to_int, split_state_dict_into_shards_factory
 
 from ..errors import CheckpointError
+from ..transformations.names import ADAPTER_PICKLE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 from .stream_writer import SafetensorsStreamWriter, TensorPlan
 
 if TYPE_CHECKING:
@@ -26,8 +27,8 @@ SAFETENSORS_METADATA = {"format": "pt"}  # what Transformers' save_pretrained wr
 _NAMES = {
     ("model", "safetensors"): ("model.safetensors", "model{suffix}.safetensors", "model.safetensors.index.json"),
     ("model", "pytorch"): ("pytorch_model.bin", "pytorch_model{suffix}.bin", "pytorch_model.bin.index.json"),
-    ("adapter", "safetensors"): ("adapter_model.safetensors", None, None),
-    ("adapter", "pytorch"): ("adapter_model.bin", None, None),
+    ("adapter", "safetensors"): (ADAPTER_WEIGHTS_NAME, None, None),
+    ("adapter", "pytorch"): (ADAPTER_PICKLE_WEIGHTS_NAME, None, None),
 }
 
 

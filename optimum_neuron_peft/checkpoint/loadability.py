@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import CheckpointError
-from ..transformations.names import PEFT_WRAPPER_PREFIX
+from ..transformations.names import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PEFT_WRAPPER_PREFIX
 
 _SHOWN = 3  # example keys named in an error
 
@@ -52,7 +52,7 @@ def expected_adapter_keys(config_file: Path, adapter_dir: Path) -> set[str]:
     try:
         lora = peft.PeftConfig.from_pretrained(str(adapter_dir))
     except (OSError, ValueError, TypeError, KeyError) as err:
-        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: PEFT cannot read it ({err})") from None
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG_NAME}: PEFT cannot read it ({err})") from None
     model = peft.get_peft_model(_meta_model(config_file), lora)
     return set(peft.get_peft_model_state_dict(model))
 
@@ -80,7 +80,7 @@ def check_adapter_keys(keys: Iterable[str], adapter_dir: Path, config_file: Path
     expected set when ``config_file`` gives the base architecture, else the structural rules (module docstring).
     ``shown_as``: the directory to name in the error (the published one, when ``adapter_dir`` is temporary)."""
     keys = set(keys)
-    where = (shown_as or adapter_dir) / "adapter_model.safetensors"
+    where = (shown_as or adapter_dir) / ADAPTER_WEIGHTS_NAME
     check_adapter_structure(keys, adapter_dir, where)
     if config_file is not None:
         expected = expected_adapter_keys(config_file, adapter_dir)
@@ -95,9 +95,9 @@ _PAIRS = ({"lora_A", "lora_B"}, {"lora_embedding_A", "lora_embedding_B"})
 
 def check_adapter_structure(keys: set[str], adapter_dir: Path, where: Path) -> None:
     try:
-        config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+        config = json.loads((adapter_dir / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{adapter_dir / 'adapter_config.json'}: expected the adapter's config ({err})") from None
+        raise CheckpointError(f"{adapter_dir / ADAPTER_CONFIG_NAME}: expected the adapter's config ({err})") from None
     targets = config.get("target_modules") if isinstance(config, dict) else None
     saved_whole = bool(config.get("modules_to_save")) if isinstance(config, dict) else False
     pairs: dict[str, set[str]] = {}

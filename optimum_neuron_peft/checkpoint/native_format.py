@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..errors import CheckpointError
+from ..transformations.names import ADAPTER_CONFIG_NAME
 from .optimum_neuron import (
-    ADAPTER_CONFIG,
     ADAPTER_PREFIX,
     ADAPTER_SHARDS_DIR,
     MODEL_SHARDS_DIR,
@@ -112,7 +112,7 @@ def write_part(
     if adapter_name is not None:
         if adapter_config is None:
             raise CheckpointError(f"adapter {adapter_name!r}: an adapter_config is required to save its shards")
-        path = part_directory(root, adapter_name).parent / ADAPTER_CONFIG
+        path = part_directory(root, adapter_name).parent / ADAPTER_CONFIG_NAME
         add(path, write_json(path, dict(adapter_config)))
     for pp, metadata in metadata_per_pp.items():
         path = metadata_path(root, pp, adapter_name)
@@ -294,7 +294,7 @@ def _open_part(root: Path, adapter_name: str | None, tp_size: int, pp_size: int,
                 )
     adapter_config = None
     if adapter_name is not None:
-        adapter_config = directory.parent / ADAPTER_CONFIG
+        adapter_config = directory.parent / ADAPTER_CONFIG_NAME
         if not adapter_config.is_file():
             raise CheckpointError(f"{adapter_config}: missing adapter config of adapter {adapter_name!r}")
     return ShardedPart(

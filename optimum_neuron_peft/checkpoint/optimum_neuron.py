@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import CheckpointError
-from ..transformations.names import PEFT_WRAPPER_PREFIX
+from ..transformations.names import ADAPTER_CONFIG_NAME, PEFT_WRAPPER_PREFIX
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json, validate
 from .schemas import METADATA_SCHEMA
@@ -51,7 +51,6 @@ MODEL_SHARDS_DIR = "shards"
 ADAPTER_PREFIX = "adapter_"
 ADAPTER_SHARDS_DIR = "adapter_shards"
 RANK_FILES_DIR = "model"
-ADAPTER_CONFIG = "adapter_config.json"
 XSER_TENSORS_SUFFIX = ".tensors"
 
 _METADATA_RE = re.compile(r"mp_metadata_pp_rank_(\d+)\.(json|pt)")
@@ -159,7 +158,7 @@ def _kind(path: Path) -> str:
 def _discover_part(directory: Path, adapter_name: str | None) -> ShardedPart:
     adapter_config = None
     if adapter_name is not None:
-        adapter_config = directory.parent / ADAPTER_CONFIG
+        adapter_config = directory.parent / ADAPTER_CONFIG_NAME
         if not adapter_config.is_file():
             raise CheckpointError(f"{adapter_config}: expected the adapter's LoRA config, the file is missing")
     if not directory.is_dir():

@@ -22,6 +22,7 @@ from ..errors import CheckpointError
 from ..formats.lazy_tensor import LazyTensor, open_safetensors
 from ..formats.torch_zip import open_torch_state_dict
 from ..transformations.model import adapt_state_dict
+from ..transformations.names import ADAPTER_PICKLE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME
 from ..utils.safe_paths import check_inside
 from .schemas import read_index_files
 from .source import checked
@@ -40,7 +41,7 @@ class VerifyResult:
 def open_output(directory: Path, kind: str) -> dict[str, LazyTensor]:
     """{name: LazyTensor} of a consolidated Transformers or PEFT directory (safetensors or pytorch)."""
     names = {"model": ["model.safetensors.index.json", "pytorch_model.bin.index.json", "model.safetensors", "pytorch_model.bin"],
-             "adapter": ["adapter_model.safetensors", "adapter_model.bin"]}[kind]  # fmt: skip
+             "adapter": [ADAPTER_WEIGHTS_NAME, ADAPTER_PICKLE_WEIGHTS_NAME]}[kind]  # fmt: skip
     for name in names:
         path = directory / name
         if not path.is_file():

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from ..errors import CheckpointError
 from ..transformations import ModelWeightTransformationSpecs
 from ..transformations.model import adapt_state_dict, normalize_parameters_metadata
-from ..transformations.names import add_adapter_name, remove_adapter_name, split_lora_name
+from ..transformations.names import ADAPTER_CONFIG_NAME, add_adapter_name, remove_adapter_name, split_lora_name
 from ..transformations.parallel_plan import COLUMN, FAMILIES, lora_partition_dim, replicated, sharded
 from ..utils.atomic import atomic_output_dir, check_output_dir
 from ..utils.safe_paths import check_inside
@@ -32,7 +32,7 @@ from ..utils.schema import read_json
 from .schemas import ADAPTER_CONFIG_SCHEMA, MODEL_CONFIG_SCHEMA, read_index_files
 from .torch_engine import original_weights
 from ..formats.lazy_tensor import LazyTensor, open_safetensors
-from .optimum_neuron import ADAPTER_CONFIG, ROOT_FILES
+from .optimum_neuron import ROOT_FILES
 from .native_format import (
     MANIFEST,
     common_dtype,
@@ -290,7 +290,7 @@ def reshard(
 
             for adapter_name, stages, adapter_config in parts:
                 if adapter_name is not None:
-                    target = check_inside(tmp, part_directory(tmp, adapter_name).parent / ADAPTER_CONFIG)
+                    target = check_inside(tmp, part_directory(tmp, adapter_name).parent / ADAPTER_CONFIG_NAME)
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(adapter_config, target)
                     records[target.relative_to(tmp).as_posix()] = file_record(target)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from ..errors import CheckpointError, OptimumNeuronPeftError
+from ..transformations.names import ADAPTER_CONFIG_NAME
 from ..utils.atomic import atomic_output_dir
 from .native_format import (
     common_dtype,
@@ -27,7 +28,6 @@ from .native_format import (
     write_part,
     write_rank_file,
 )
-from .optimum_neuron import ADAPTER_CONFIG
 
 RankStateDicts = Mapping[tuple[int, int], Mapping[str, torch.Tensor]] | Iterable[tuple[tuple[int, int], Mapping[str, torch.Tensor]]]
 _RANK_RE = re.compile(r"tp_rank_(\d+)_pp_rank_(\d+)\.safetensors$")
@@ -157,7 +157,7 @@ def save_sharded_checkpoint_distributed(
                     path = metadata_path(tmp, pp, adapter_name)
                     records[path.relative_to(tmp).as_posix()] = write_json(path, meta)
             if adapter_name is not None:
-                path = rank_file_path(tmp, 0, 0, adapter_name).parents[2] / ADAPTER_CONFIG
+                path = rank_file_path(tmp, 0, 0, adapter_name).parents[2] / ADAPTER_CONFIG_NAME
                 records[path.relative_to(tmp).as_posix()] = write_json(path, dict(adapter_config or {}))
             write_manifest(
                 tmp, records, tp_size=tp_size, pp_size=pp_size,

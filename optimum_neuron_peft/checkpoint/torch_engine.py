@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError
 from ..transformations.model import to_original_weights
-from ..transformations.names import PEFT_WRAPPER_PREFIX
+from ..transformations.names import ADAPTER_CONFIG_NAME, PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir
 from ..utils.safe_paths import check_inside
 from ..utils.schema import read_json
@@ -387,7 +387,7 @@ def consolidate_with_torch(checkpoint_dir: Path, output_dir: Path, options: Cons
                     if checkpoint.config_file is not None:
                         check_model_keys(names, checkpoint.config_file, output_dir / target.subdir)
                 else:
-                    (directory / "adapter_config.json").write_text(json.dumps(target.adapter_config, indent=2) + "\n")
+                    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(target.adapter_config, indent=2) + "\n")
                     check_adapter_keys(names, directory, checkpoint.config_file, output_dir / target.subdir)
                 directories["model" if target.kind == "model" else target.part.adapter_name] = output_dir / target.subdir
         if verify:

@@ -13,12 +13,9 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint.schemas import ADAPTER_CONFIG_SCHEMA
 from ..errors import MergeError
-from ..transformations.names import PEFT_WRAPPER_PREFIX
+from ..transformations.names import ADAPTER_CONFIG_NAME, ADAPTER_PICKLE_WEIGHTS_NAME, ADAPTER_WEIGHTS_NAME, PEFT_WRAPPER_PREFIX
 from ..utils.schema import read_json
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _UNSUPPORTED_FLAGS = ("use_dora", "lora_bias")
 
@@ -63,26 +60,26 @@ def module_scaling(config: dict, module: str, rank: int) -> float:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / WEIGHTS_NAME
+    weights = path / ADAPTER_WEIGHTS_NAME
     if weights.is_file():
         try:
             return load_file(weights)
         except Exception as e:  # safetensors raises its own error types
             raise MergeError(f"{weights}: not a readable safetensors file ({e})") from e
-    legacy = path / PICKLE_WEIGHTS_NAME
+    legacy = path / ADAPTER_PICKLE_WEIGHTS_NAME
     if legacy.is_file():
         try:
             return torch.load(legacy, map_location="cpu", weights_only=True)
         except Exception as e:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]  # torch explains over several lines
             raise MergeError(f"{legacy}: cannot be read safely with weights_only=True ({first_line})") from None
-    raise MergeError(f"{path}: expected {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}), found neither")
+    raise MergeError(f"{path}: expected {ADAPTER_WEIGHTS_NAME} (or {ADAPTER_PICKLE_WEIGHTS_NAME}), found neither")
 
 
 def load_adapter(path: str | Path) -> Adapter:
     """Load and validate a LoRA adapter directory; every user error names the file and what was expected."""
     path = Path(path)
-    config_path = path / CONFIG_NAME
+    config_path = path / ADAPTER_CONFIG_NAME
     if not config_path.is_file():
         raise MergeError(f"{config_path}: adapter config not found (expected a PEFT adapter directory)")
     config = read_json(config_path, ADAPTER_CONFIG_SCHEMA, error=MergeError)
@@ -99,7 +96,7 @@ def load_adapter(path: str | Path) -> Adapter:
         match = _LORA_KEY.match(key)
         if match is None:
             raise MergeError(
-                f"{path / WEIGHTS_NAME}: unsupported key {key!r}; expected '<module>.lora_A.weight' / "
+                f"{path / ADAPTER_WEIGHTS_NAME}: unsupported key {key!r}; expected '<module>.lora_A.weight' / "
                 "'<module>.lora_B.weight' of a LoRA on linear layers (embeddings, DoRA, biases and "
                 "modules_to_save are not supported)"
             )
@@ -108,21 +105,21 @@ def load_adapter(path: str | Path) -> Adapter:
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
-            raise MergeError(f"{path / WEIGHTS_NAME}: module {module!r} has no {missing}.weight")
+            raise MergeError(f"{path / ADAPTER_WEIGHTS_NAME}: module {module!r} has no {missing}.weight")
         A, B = pair["A"], pair["B"]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise MergeError(
-                f"{path / WEIGHTS_NAME}: module {module!r}: expected lora_A (r, in) and lora_B (out, r), "
+                f"{path / ADAPTER_WEIGHTS_NAME}: module {module!r}: expected lora_A (r, in) and lora_B (out, r), "
                 f"found {tuple(A.shape)} and {tuple(B.shape)}"
             )
         expected_r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
         if A.shape[0] != expected_r:
             raise MergeError(
-                f"{path / WEIGHTS_NAME}: module {module!r}: config says r={expected_r}, lora_A has rank {A.shape[0]}"
+                f"{path / ADAPTER_WEIGHTS_NAME}: module {module!r}: config says r={expected_r}, lora_A has rank {A.shape[0]}"
             )
         adapter.modules[module] = LoraModule(A=A, B=B, scaling=module_scaling(config, module, A.shape[0]))
     if not adapter.modules:
-        raise MergeError(f"{path / WEIGHTS_NAME}: no LoRA weights found")
+        raise MergeError(f"{path / ADAPTER_WEIGHTS_NAME}: no LoRA weights found")
     return adapter
 
 
@@ -132,8 +129,8 @@ def save_adapter(output_dir: Path, config: dict, modules: dict[str, tuple[torch.
     for module, (A, B) in modules.items():
         tensors[f"{module}.lora_A.weight"] = A.detach().to("cpu").contiguous()
         tensors[f"{module}.lora_B.weight"] = B.detach().to("cpu").contiguous()
-    save_file(tensors, output_dir / WEIGHTS_NAME, metadata={"format": "pt"})
-    (output_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    save_file(tensors, output_dir / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+    (output_dir / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def natural_key(name: str) -> list:

@@ -31,13 +31,17 @@ from ..transformations import (
     to_original_weights,
 )
 from ..transformations.metadata import parameter_metadata
-from ..transformations.names import PEFT_WRAPPER_PREFIX, get_adapter_name, remove_adapter_name, remove_base_layer
+from ..transformations.names import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    PEFT_WRAPPER_PREFIX,
+    get_adapter_name,
+    remove_adapter_name,
+    remove_base_layer,
+)
 from ..utils.sharded_writer import sharded_writer
 from .config import adapt_peft_config_for_model, to_original_peft_config_for_model, unwrap_model
 from .layers import ParallelLoraLayer
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 # -- state dicts ------------------------------------------------------------------------------------------------
@@ -166,10 +170,10 @@ def read_vanilla_adapter(adapter_dir: str | os.PathLike) -> tuple[LoraConfig, di
     from safetensors.torch import load_file
 
     adapter_dir = Path(adapter_dir)
-    weights = adapter_dir / ADAPTER_WEIGHTS
-    if not (adapter_dir / ADAPTER_CONFIG).is_file() or not weights.is_file():
+    weights = adapter_dir / ADAPTER_WEIGHTS_NAME
+    if not (adapter_dir / ADAPTER_CONFIG_NAME).is_file() or not weights.is_file():
         raise CheckpointError(
-            f"{adapter_dir}: expected a PEFT adapter directory with {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+            f"{adapter_dir}: expected a PEFT adapter directory with {ADAPTER_CONFIG_NAME} and {ADAPTER_WEIGHTS_NAME}"
         )
     config = peft.PeftConfig.from_pretrained(str(adapter_dir))
     tensors = {k.removeprefix(PEFT_WRAPPER_PREFIX): v for k, v in load_file(str(weights)).items()}
@@ -286,9 +290,9 @@ class _ParallelPeftMixin:
         if model_tp(self).rank != 0 or get_data_parallel_rank() != 0:
             return  # one writer: data-parallel replicas hold the same adapter
         directory.mkdir(parents=True, exist_ok=True)
-        partial = directory / f".{ADAPTER_WEIGHTS}.partial"
+        partial = directory / f".{ADAPTER_WEIGHTS_NAME}.partial"
         save_file({PEFT_WRAPPER_PREFIX + k: v.contiguous() for k, v in tensors.items()}, str(partial))
-        os.replace(partial, directory / ADAPTER_WEIGHTS)  # atomic: a reader never sees half a file
+        os.replace(partial, directory / ADAPTER_WEIGHTS_NAME)  # atomic: a reader never sees half a file
         self.original_peft_config(adapter).save_pretrained(str(directory))
 
 

@@ -431,11 +431,10 @@ class Trainer(transformers.Trainer):
             if self.args.should_save:
                 from safetensors.torch import save_file
 
-                from ..peft.model import ADAPTER_WEIGHTS
-                from ..transformations.names import PEFT_WRAPPER_PREFIX
+                from ..transformations.names import ADAPTER_WEIGHTS_NAME, PEFT_WRAPPER_PREFIX
 
                 save_file({PEFT_WRAPPER_PREFIX + k: v.contiguous() for k, v in tensors.items()},
-                          str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # fmt: skip
+                          str(staging / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})  # fmt: skip
                 self.model.original_peft_config("default").save_pretrained(str(staging))
         else:
             from ..checkpoint import consolidate

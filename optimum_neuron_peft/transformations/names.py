@@ -17,6 +17,11 @@ BASE_LAYER = "base_layer"
 # Names inside a ``PeftModel`` start with this (``base_model`` is the LoraModel, ``model`` the wrapped Transformers
 # model); a saved PEFT adapter keeps it on every key, exactly once.
 PEFT_WRAPPER_PREFIX = "base_model.model."
+# The files of a PEFT adapter directory (PEFT's ``peft.utils.constants`` CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME and
+# WEIGHTS_NAME; a test pins them): written by save_pretrained and consolidation, read by loading and merging.
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 # The PEFT types the specs and the parallel LoRA layers handle (``peft.PeftType`` values, lower case).
 SUPPORTED_PEFT_TYPES = ("lora",)
 

@@ -24,9 +24,8 @@ from typing import Any, Iterable, Literal, Mapping
 import torch
 
 from optimum_neuron_peft.errors import CheckpointError
-from optimum_neuron_peft.transformations.names import PEFT_WRAPPER_PREFIX
+from optimum_neuron_peft.transformations.names import ADAPTER_CONFIG_NAME, PEFT_WRAPPER_PREFIX
 from optimum_neuron_peft.checkpoint.optimum_neuron import (
-    ADAPTER_CONFIG,
     ADAPTER_PREFIX,
     ADAPTER_SHARDS_DIR,
     MODEL_SHARDS_DIR,
@@ -135,7 +134,7 @@ def write_optimum_neuron_checkpoint(
     if config is not None:
         (root / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     if adapter_name is not None and adapter_config is not None:
-        (shards.parent / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
+        (shards.parent / ADAPTER_CONFIG_NAME).write_text(json.dumps(adapter_config, indent=2), encoding="utf-8")
     for pp_rank, metadata in metadata_per_pp.items():
         write_metadata(shards / metadata_file_name(pp_rank, metadata_format), metadata)
     for (tp_rank, pp_rank), state_dict in items:
