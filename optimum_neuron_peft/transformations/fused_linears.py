@@ -67,16 +67,6 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
         names = tuple(self.linear_names)
         return {self.fused_linear_name: FusedProjections(names, names, tuple(self.original_dims), self.fuse_axis)}
 
-    # -- names ------------------------------------------------------------------------------------------------
-
-    @property
-    def fused_module_name(self) -> str:
-        return self.fused_linear_name
-
-    @property
-    def fused_projection_names(self) -> list[str]:
-        return list(self.linear_names)
-
     # -- layout -----------------------------------------------------------------------------------------------
 
     def _local_dims(self) -> list[int]:

@@ -237,14 +237,6 @@ class GQAQKVColumnParallelLinearSpec(GQAQKVFields, FusedModuleSpec, ModelWeightT
     def permuted_input_modules(self) -> dict[str, str]:
         return {self.output_projection_name: self.gqa_qkv_projection_name}
 
-    @property
-    def fused_module_name(self) -> str:
-        return self.gqa_qkv_projection_name
-
-    @property
-    def fused_projection_names(self) -> list[str]:
-        return list(self._projection_names.values())
-
     # -- original -> local --------------------------------------------------------------------------------------
 
     def _check_rows(self, name: str, tensor: Any, which: str) -> None:

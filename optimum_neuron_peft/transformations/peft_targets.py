@@ -76,32 +76,22 @@ def remove_fused_target(target_modules: Any, fused_name: str, projection_names: 
 
 
 class FusedModuleSpec:
-    """PEFT-facing methods shared by specs that fuse several original projections into one module.
-
-    A spec provides `fused_module_name` (the custom module, e.g. ``qkv_proj``) and `fused_projection_names` (the
-    original projections it replaces, e.g. ``q_proj``, ``k_proj``, ``v_proj``).
-    """
-
-    @property
-    def fused_module_name(self) -> str:
-        raise NotImplementedError
-
-    @property
-    def fused_projection_names(self) -> list[str]:
-        raise NotImplementedError
+    """PEFT-facing methods of a spec that fuses original projections into modules, read from the spec's
+    `fused_projections` ({fused module, e.g. ``qkv_proj``: the original projections it replaces, e.g. ``q_proj``,
+    ``k_proj``, ``v_proj``}; abstract in `base.ModelWeightTransformationSpec`, so a subclass cannot forget it)."""
 
     def guess_peft_type(self, model: Any, module_fully_qualified_name: str) -> str | None:
-        module = model.get_submodule(f"{module_fully_qualified_name}.{self.fused_module_name}")
-        return "lora" if hasattr(module, "lora_A") else None
+        fused = [model.get_submodule(f"{module_fully_qualified_name}.{name}") for name in self.fused_projections()]
+        return "lora" if any(hasattr(module, "lora_A") for module in fused) else None
 
     def adapt_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
         config = prepared(peft_config, inplace, type(self).__name__)
-        config.target_modules = add_fused_target(config.target_modules, self.fused_module_name, self.fused_projection_names)
+        for name, projections in self.fused_projections().items():
+            config.target_modules = add_fused_target(config.target_modules, name, projections.original_names)
         return config
 
     def to_original_peft_config(self, peft_config: Any, inplace: bool = False) -> Any:
         config = prepared(peft_config, inplace, type(self).__name__)
-        config.target_modules = remove_fused_target(
-            config.target_modules, self.fused_module_name, self.fused_projection_names
-        )
+        for name, projections in self.fused_projections().items():
+            config.target_modules = remove_fused_target(config.target_modules, name, projections.original_names)
         return config

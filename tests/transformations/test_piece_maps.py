@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig
 from safetensors.torch import save_file
 
 from optimum_neuron_peft.checkpoint.byte_copy import SourceFiles, Scratch, gather_column_bytes, read_ranges_into_bytes, row_ranges
@@ -34,7 +35,7 @@ from optimum_neuron_peft.transformations.pieces import (
     replicated,
     sharded,
 )
-from optimum_neuron_peft.transformations.peft_targets import FusedProjections
+from optimum_neuron_peft.transformations.peft_targets import FusedModuleSpec, FusedProjections
 from optimum_neuron_peft.transformations.pieces_torch import gather_saved, spec_to_original
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "checkpoint"))  # the oracle lives with the checkpoint tests
@@ -263,7 +264,7 @@ class FusedKVFields:
 
 
 @dataclasses.dataclass
-class FusedKVSpec(FusedKVFields, ModelWeightTransformationSpec):  # not registered: the test registry stays as shipped
+class FusedKVSpec(FusedKVFields, FusedModuleSpec, ModelWeightTransformationSpec):  # not registered: the test registry stays as shipped
     def adapt_state_dict(self, module, state_dict, tp_rank):
         originals = [f"{module}.k_proj.weight", f"{module}.v_proj.weight"]
         if not all(n in state_dict for n in originals):
@@ -280,15 +281,6 @@ class FusedKVSpec(FusedKVFields, ModelWeightTransformationSpec):  # not register
     def fused_projections(self):
         names = ("k_proj", "v_proj")
         return {self.kv_proj_name: FusedProjections(names, names, (self.kv_rows, self.kv_rows))}
-
-    def guess_peft_type(self, model, module_fully_qualified_name):
-        return None
-
-    def adapt_peft_config(self, peft_config, inplace=False):
-        return peft_config
-
-    def to_original_peft_config(self, peft_config, inplace=False):
-        return peft_config
 
 
 @dataclasses.dataclass
@@ -307,3 +299,6 @@ def test_the_documented_new_spec_needs_nothing_else(tmp_path, monkeypatch, tp):
     resharded = spec.with_tp_size(2 * tp)  # what `reshard` calls
     (tmp_path / "resharded").mkdir()
     _check(resharded, original, _shards(resharded, original), tmp_path / "resharded")
+    adapted = spec.adapt_peft_config(LoraConfig(target_modules=["k_proj"]))  # FusedModuleSpec, from fused_projections
+    assert adapted.target_modules == {"k_proj", "kv_proj"}
+    assert spec.to_original_peft_config(adapted).target_modules == {"k_proj"}
