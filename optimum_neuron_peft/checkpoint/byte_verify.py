@@ -167,7 +167,7 @@ class _Comparer:
                 b = self._read(self._outputs, out.file, out.offset + at + i, self._output[:n])
                 if not self.np.array_equal(a, b):
                     x = int(self.np.flatnonzero(a != b)[0])
-                    raise self._mismatch(tensor, out, src, r, begin + i + x, at + i + x)
+                    raise self._mismatch(tensor, out, src, begin + i + x, at + i + x)
             at += length
         self._check_covered(tensor, out, at)
 
@@ -193,7 +193,7 @@ class _Comparer:
                 a = a.reshape(n, src_row)[:, first * item : first * item + width]
                 if not np.array_equal(a, b[:, column : column + width]):
                     i, j = divmod(int(np.flatnonzero(a != b[:, column : column + width])[0]), width)
-                    raise self._mismatch(tensor, out, src, r, (row + i) * src_row + first * item + j, (row + i) * out_row + column + j)
+                    raise self._mismatch(tensor, out, src, (row + i) * src_row + first * item + j, (row + i) * out_row + column + j)
                 column += width
 
     def _check_covered(self, tensor: PlannedTensor, out: StoredTensor, nbytes: int) -> None:
@@ -210,7 +210,7 @@ class _Comparer:
             done += got
         return buffer
 
-    def _mismatch(self, tensor: PlannedTensor, out: StoredTensor, src: StoredTensor, rank: int, at_src: int, at_out: int) -> CheckpointError:
+    def _mismatch(self, tensor: PlannedTensor, out: StoredTensor, src: StoredTensor, at_src: int, at_out: int) -> CheckpointError:
         rank_file = self.rank_file.get(src.file) or self.rank_file.get(src.file.parent) or src.file
         return CheckpointError(
             f"{rank_file}: tensor '{src.name}' differs from the bytes of '{tensor.name}' in "
