@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .byte_verify import BytesVerified, has_safetensors_model, verify_written
+from .consolidate import options_needing_torch
 from .declared import Unsupported
+from .engine_common import ConsolidateOptions
 
 if TYPE_CHECKING:
     from .rederive import VerifyResult
@@ -48,14 +50,11 @@ def verify(
 
 
 def _needs_torch(adapter: str | None, dtype: Any, consolidated_dir: Path) -> str | None:
-    """Why this verification re-derives with torch (as `consolidate.options_needing_torch`), or None."""
-    if adapter is not None:
-        return f"adapter {adapter!r} selected"
-    if dtype is not None:
-        return f"a dtype cast ({dtype if isinstance(dtype, str) else str(dtype).removeprefix('torch.')})"
-    if not has_safetensors_model(consolidated_dir):
-        return "the output holds no safetensors model weights"
-    return None
+    """Why this verification re-derives with torch (the consolidation options' reasons, then the output's), or None."""
+    reason = options_needing_torch(ConsolidateOptions(adapter=adapter, dtype=dtype))
+    if reason is None and not has_safetensors_model(consolidated_dir):
+        reason = "the output holds no safetensors model weights"
+    return reason
 
 
 def _verify_bytes(plan, consolidated_dir: Path) -> BytesVerified:
