@@ -9,6 +9,7 @@ that alternate the cases (median of the rounds reported):
   are full-model checkpoints, so the torch-free engine takes them (checked once, untimed, with
   ``--engine torch-free``, which fails rather than fall back);
 - the same command with ``--engine torch`` on our format: the torch engine, for comparison;
+- ``--verify`` with both engines on our format (the torch-free one compares bytes, the torch one re-derives the shards);
 - the whole-in-memory baseline: ``torch.load`` every rank, gather every tensor, save the shards (what
   optimum-neuron's consolidation does);
 - the same plain command with an empty key cache (Llama's expected keys are derived from config.json, no cache);
@@ -159,6 +160,12 @@ def measure(root: Path, rounds: int, skip_baseline: bool = False) -> dict:
             "sh", "-c", 'XDG_CACHE_HOME="$(mktemp -d)" exec "$@"', "sh", *consolidate, str(root / "ours"), str(out), "--no-progress"
         ],
         "consolidate --engine torch (ours)": lambda out: [*consolidate, str(root / "ours"), str(out), "--no-progress", "--engine", "torch"],
+        # --verify: the torch-free engine re-reads the output and compares it with the rank-file bytes (`byte_verify`);
+        # the torch engine re-derives every rank's shards with torch.
+        "consolidate --verify (ours)": lambda out: [*consolidate, str(root / "ours"), str(out), "--no-progress", "--verify"],
+        "consolidate --verify --engine torch (ours)": lambda out: [
+            *consolidate, str(root / "ours"), str(out), "--no-progress", "--verify", "--engine", "torch"
+        ],
         "whole-in-memory baseline": lambda out: [py, "-c", BASELINE, str(root / "on"), str(out)],
         # The fixed costs inside the consolidate figures above: interpreter start + imports.
         "python + imports, torch-free CLI path": lambda out: [py, "-c", "import optimum_neuron_peft.cli.consolidate, optimum_neuron_peft.checkpoint.consolidate, optimum_neuron_peft.checkpoint.torch_free"],

@@ -6,8 +6,9 @@ tensor math included. Both write the same bytes where both apply.
 
 The choice is explicit and always has a stated reason, never a silent switch:
 
-- options that need tensor math or the torch engine's features (a dtype cast, ``pytorch`` output, ``verify``,
-  adapters) choose the torch engine, with that option as the reason;
+- options that need tensor math or the torch engine's features (a dtype cast, ``pytorch`` output, adapters)
+  choose the torch engine, with that option as the reason (``verify`` does not: each engine verifies its own output,
+  the torch-free one by comparing bytes, `byte_verify`);
 - else the torch-free planner plans the checkpoint; a layout it does not vouch for raises `declared.Unsupported`
   (what it is) and a file it refuses raises `CheckpointError`: the torch engine takes the checkpoint with that
   reason recorded (and reports the checkpoint's errors with its established messages);
@@ -50,8 +51,6 @@ def options_needing_torch(options: ConsolidateOptions) -> str | None:
         return f"output format {options.format!r}"
     if options.dtype is not None:
         return f"a dtype cast ({_dtype_name(options.dtype)})"
-    if options.verify:
-        return "verify"
     if options.adapter is not None:
         return f"adapter {options.adapter!r} selected"
     return None
@@ -123,8 +122,9 @@ def consolidate(
     Writes a Transformers model directory (config/tokenizer files copied, ``model.safetensors`` or shards with
     an index past ``max_shard_size``) and/or vanilla PEFT adapter directories (layout in `consolidate`'s module
     docstring). ``dtype`` (a name, ``bf16``/``fp16``/``fp32``, or a torch dtype) casts floating tensors. ``verify``
-    re-derives every rank's shards from the output and compares them bit for bit before the output is published
-    (with ``dtype``, against the input cast to it). The output is written atomically; a non-empty ``output_dir``
+    checks the output bit for bit against the input before it is published: the torch-free engine compares every
+    output byte with the rank-file bytes it comes from (`byte_verify`), the torch engine re-derives every rank's
+    shards from the output (with ``dtype``, against the input cast to it). The output is written atomically; a non-empty ``output_dir``
     is refused unless ``overwrite``. Raises `CheckpointError`.
 
     ``engine``: ``"auto"`` picks as the module docstring says (same output bytes either way), ``"torch-free"``

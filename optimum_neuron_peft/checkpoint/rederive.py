@@ -33,9 +33,11 @@ class VerifyResult:
     tensors: int
     bytes: int
     seconds: float
+    reason: str | None = None  # why the torch re-derivation, not `byte_verify` (`verify.verify`)
 
     def summary(self) -> str:
-        return f"verified {self.tensors} rank tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s: all bit-exact"
+        why = f" [torch re-derivation: {self.reason}]" if self.reason else ""
+        return f"verified {self.tensors} rank tensors, {self.bytes / 1e9:.3f} GB in {self.seconds:.2f} s: all bit-exact{why}"
 
 
 def open_output(directory: Path, kind: str) -> dict[str, LazyTensor]:

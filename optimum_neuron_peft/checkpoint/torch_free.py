@@ -14,8 +14,9 @@ headers fix, so neither waits for the other (the copies release the GIL: the ker
 both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
 
 Applies when the checkpoint holds the model only (no adapter) in plain, xser or safetensors rank files, the output is
-safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor: `consolidate` decides,
-and says why when it is not this engine.
+safetensors, no dtype cast is asked, and the planner can vouch for every tensor: `consolidate` decides, and says why
+when it is not this engine. ``verify`` re-reads the staged output and compares it with the rank files' bytes, torch-free
+too (`byte_verify`), before publishing it.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
             copy_root_files([config_file, *plan.checkpoint.extra_files], tmp)
             if expected is not None:
                 mismatch_error([t.name for t in plan.tensors], *expected.result(), output_dir)
+            if o.verify:  # the staged files, before they are published; checks their key set is the plan's
+                from .byte_verify import verify_written
+
+                verify_written(plan, tmp, shown_as=output_dir)
     finally:
         if expected is not None:
             expected.cancel()

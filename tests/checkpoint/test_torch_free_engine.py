@@ -139,7 +139,6 @@ def test_library_api_takes_the_torch_free_engine_when_it_applies(tmp_path):
 LEFT_TO_TORCH = {  # options -> the reason stated
     "dtype": ({"dtype": "fp32"}, "a dtype cast (fp32)"),
     "pytorch format": ({"format": "pytorch"}, "output format 'pytorch'"),
-    "verify": ({"verify": True}, "verify"),
     "adapter selected": ({"adapter": "default"}, "adapter 'default' selected"),
     "adapter in checkpoint": ({"with_adapter": True}, "the checkpoint holds adapters (or no model)"),
 }

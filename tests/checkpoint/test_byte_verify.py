@@ -1,0 +1,175 @@
+"""``verify`` without torch (`checkpoint.byte_verify`): a full-model consolidation verified by comparing every output
+byte with the rank-file bytes its piece map names. The consolidation stays in the torch-free engine and imports no
+torch; a flipped bit (in a row-copied and in a column-gathered tensor), an extra, a missing or a misplaced tensor,
+and a damaged header are each one error line naming the tensor and the file, and nothing is published."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+from optimum_neuron_peft.checkpoint import consolidate, verify
+from optimum_neuron_peft.checkpoint.byte_verify import BytesVerified, verify_written
+from optimum_neuron_peft.checkpoint.torch_free_plan import plan_model
+from optimum_neuron_peft.cli import main
+from optimum_neuron_peft.errors import CheckpointError
+from optimum_neuron_peft.transformations.pieces import ColumnGather, RowCopy
+
+from consolidation_helpers import model_state, write_optimum_neuron, write_ours
+
+REPO = Path(__file__).resolve().parents[2]
+NO_HEAVY_IMPORTS = (
+    "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "
+    "assert not heavy, f'imported {heavy}'; "
+)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("byte-verify")
+    model = model_state(torch.bfloat16)
+    write_ours(root / "ours", 2, model=model)
+    write_optimum_neuron(root / "xser", 4, 2, serialization="xser", model=model, fuse_qkv=True)
+    return root
+
+
+def _run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _flip(weights: Path, name: str, offset: int) -> None:
+    data = bytearray(weights.read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    entry = json.loads(data[8 : 8 + header])[name]
+    data[8 + header + entry["data_offsets"][0] + offset] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+
+def test_consolidate_verify_stays_torch_free_and_says_verified(checkpoints, tmp_path, capsys):
+    result = consolidate(checkpoints / "ours", tmp_path / "lib", verify=True)
+    assert (result.engine, result.reason) == ("torch-free", None)
+    code, out, _ = _run_cli(capsys, "consolidate", checkpoints / "xser", tmp_path / "cli", "--verify", "--max-shard-size", "30KB")
+    assert code == 0 and out.rstrip().endswith("[torch-free engine] (verified)")
+    reference = consolidate(checkpoints / "xser", tmp_path / "torch", engine="torch", verify=True, max_shard_size="30KB")
+    assert result.engine == "torch-free" and reference.engine == "torch"
+    for file in sorted((tmp_path / "torch").iterdir()):  # same bytes as the torch engine's verified output
+        assert (tmp_path / "cli" / file.name).read_bytes() == file.read_bytes(), file.name
+
+
+def test_verified_consolidation_and_verify_import_no_torch(checkpoints, tmp_path):
+    code = (
+        "import sys; from optimum_neuron_peft.checkpoint import consolidate; "
+        "r = consolidate(sys.argv[1], sys.argv[2], verify=True); " + NO_HEAVY_IMPORTS
+        + "assert r.engine == 'torch-free', r.engine"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(checkpoints / "xser"), str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    code = "import sys; from optimum_neuron_peft.cli import main; c = main(sys.argv[1:]); " + NO_HEAVY_IMPORTS + "sys.exit(c)"
+    for argv in (["consolidate", checkpoints / "ours", tmp_path / "cli", "--verify", "--no-progress"],
+                 ["verify", checkpoints / "xser", tmp_path / "out"]):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.rstrip().endswith("all bit-exact [torch-free]")
+
+
+@pytest.mark.parametrize(
+    "name, kind", [("model.layers.1.self_attn.q_proj.weight", RowCopy), ("model.layers.0.self_attn.o_proj.weight", ColumnGather),
+                   ("model.layers.1.mlp.down_proj.weight", ColumnGather)],  # fmt: skip
+)
+def test_a_flipped_bit_is_named_by_rank_file_and_tensor(checkpoints, tmp_path, capsys, name, kind):
+    ckpt = checkpoints / "ours"
+    consolidate(ckpt, tmp_path / "out")
+    plan = plan_model(ckpt)
+    tensor = next(t for t in plan.tensors if t.name == name)
+    assert type(tensor.provenance) is kind  # both executions of a piece map are covered
+    row = tensor.nbytes // tensor.shape[0]
+    offset = row + row - 3  # row 1, last columns: rank 1's shard of a column gather, rank 0's rows of a row copy
+    _flip(tmp_path / "out" / "model.safetensors", name, offset)
+    rank = 1 if kind is ColumnGather else 0
+    (k, _, _, _) = tensor.provenance.pieces[0]
+    saved = tensor.sources[k][rank]
+    expected = (
+        f"{plan.checkpoint.model.rank_files[(rank, 0)]}: tensor '{saved.name}' differs from the bytes of '{name}' in "
+        f"{tmp_path / 'out' / 'model.safetensors'} (first differing byte at offset "
+    )
+    with pytest.raises(CheckpointError) as caught:
+        verify_written(plan, tmp_path / "out")
+    assert str(caught.value).startswith(expected) and f"offset {offset} of the output's {tensor.nbytes})" in str(caught.value)
+    code, _, err = _run_cli(capsys, "verify", ckpt, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and expected in err
+
+
+def test_a_fault_while_writing_is_caught_and_nothing_is_published(checkpoints, tmp_path, monkeypatch):
+    """The check reads by its own path: a gather that writes a wrong byte (injected into the writer, not the
+    checker) fails the verified consolidation, and the unverified one publishes the bad bytes."""
+    from optimum_neuron_peft.checkpoint import torch_free
+
+    real = torch_free.gather_column_bytes
+
+    def faulty(files, provenance, sources, out, scratch):
+        done = real(files, provenance, sources, out, scratch)
+        out[-1, -1] ^= 0x80
+        return done
+
+    monkeypatch.setattr(torch_free, "gather_column_bytes", faulty)
+    with pytest.raises(CheckpointError, match=r"o_proj.weight' differs from the bytes of 'model.layers.0.self_attn.o_proj.weight' in "):
+        consolidate(checkpoints / "ours", tmp_path / "out", verify=True)
+    assert not (tmp_path / "out").exists()
+    assert consolidate(checkpoints / "ours", tmp_path / "unverified").engine == "torch-free"
+    with pytest.raises(CheckpointError, match="differs from the bytes of"):
+        verify(checkpoints / "ours", tmp_path / "unverified")
+
+
+def _rewrite(weights: Path, change) -> None:
+    tensors = safetensors.torch.load_file(weights)
+    change(tensors)
+    safetensors.torch.save_file(tensors, weights, metadata={"format": "pt"})
+
+
+def test_an_extra_or_missing_tensor_is_named(checkpoints, tmp_path, capsys):
+    ckpt = checkpoints / "ours"
+    consolidate(ckpt, tmp_path / "extra")
+    _rewrite(tmp_path / "extra" / "model.safetensors", lambda t: t.update({"model.extra.weight": torch.zeros(2)}))
+    code, _, err = _run_cli(capsys, "verify", ckpt, tmp_path / "extra")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{tmp_path / 'extra'}: holds tensors the checkpoint does not, e.g. ['model.extra.weight']" in err
+    consolidate(ckpt, tmp_path / "missing")
+    _rewrite(tmp_path / "missing" / "model.safetensors", lambda t: t.pop("model.norm.weight"))
+    code, _, err = _run_cli(capsys, "verify", ckpt, tmp_path / "missing")
+    assert code == 2 and f"{tmp_path / 'missing'}: consolidated output lacks tensor 'model.norm.weight'" in err
+
+
+def test_a_bad_header_or_index_is_refused(checkpoints, tmp_path):
+    ckpt = checkpoints / "xser"
+    consolidate(ckpt, tmp_path / "out", max_shard_size="30KB")
+    index_file = tmp_path / "out" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    files = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == files[0])
+    index["weight_map"][name] = files[1]  # points at a shard that does not hold it
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"maps '{name}' to {files[1]}, it is in {files[0]}"):
+        verify(ckpt, tmp_path / "out")
+    index["weight_map"][name] = files[0]
+    index_file.write_text(json.dumps(index))
+    assert isinstance(verify(ckpt, tmp_path / "out"), BytesVerified)
+    with open(tmp_path / "out" / files[1], "ab") as handle:
+        handle.write(b"\0")  # bytes after the last tensor: the safetensors library refuses the file
+    with pytest.raises(CheckpointError, match="bytes after the last tensor"):
+        verify(ckpt, tmp_path / "out")
+
+
+def test_verify_says_why_it_re_derives_with_torch(checkpoints, tmp_path):
+    consolidate(checkpoints / "ours", tmp_path / "pt", format="pytorch")
+    result = verify(checkpoints / "ours", tmp_path / "pt")
+    assert result.summary().endswith("all bit-exact [torch re-derivation: the output holds no safetensors model weights]")
+    consolidate(checkpoints / "ours", tmp_path / "fp32", dtype="fp32")
+    assert verify(checkpoints / "ours", tmp_path / "fp32", dtype="fp32").reason == "a dtype cast (fp32)"
