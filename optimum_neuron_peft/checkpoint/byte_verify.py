@@ -12,10 +12,13 @@ a `RowCopy` or `ColumnGather` over (saved tensor, rank, range)) describes, so ch
   (memory stays flat in model size) through plain ``preadv`` reads into reused buffers: not the copier's path
   (``copy_file_range``, `byte_copy.gather_column_bytes`), so a bug there cannot hide itself.
 
+- every other copy too (`replica_check`): where ranks hold replicas (a replicated norm, a GQA key/value head),
+  each rank's saved tensor is compared, block by block of its forward layout (the specs' ``saved_layouts``, the
+  parameters' metadata), with the output rows or columns it holds, so inputs whose replicas disagree fail as they
+  do under the torch re-derivation (``engine="torch"``), which re-shards the output for every rank.
+
 The first mismatch is one `CheckpointError` line naming the rank file, the saved tensor, the output tensor and its
-file. What this compares is what the output is built from: where ranks hold replicas (a replicated norm, a GQA
-key/value head), the copy the piece map reads is checked, the others are not (the torch re-derivation,
-``engine="torch"``, re-shards the output for every rank and compares them all). Imports no torch; numpy on use.
+file. Imports no torch; numpy on use.
 """
 
 from __future__ import annotations
@@ -28,11 +31,12 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from ..formats.stored_tensor import StoredTensor, read_safetensors_header
-from ..transformations.pieces import RowCopy, row_bytes
+from ..transformations.pieces import RowCopy, SavedLayout, row_bytes
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json
 from .byte_copy import SourceFiles, data_offset
 from .optimum_neuron import XSER_TENSORS_SUFFIX
+from .replica_check import forward_layouts, read_by_plan
 from .schemas import INDEX_SCHEMA
 
 if TYPE_CHECKING:
@@ -114,6 +118,10 @@ def verify_written(plan: ModelPlan, directory: Path, *, shown_as: Path | None = 
                 )
             compare.tensor(tensor, out)
             total += out.nbytes
+        for group, layouts in forward_layouts(plan):
+            outputs = {t.name: (t, written[t.name]) for t in group}
+            for layout in layouts:
+                compare.replicas(layout, group[0].sources, outputs)
     return BytesVerified(len(planned), total, time.perf_counter() - start)
 
 
@@ -195,6 +203,60 @@ class _Comparer:
                     i, j = divmod(int(np.flatnonzero(a != b[:, column : column + width])[0]), width)
                     raise self._mismatch(tensor, out, src, (row + i) * src_row + first * item + j, (row + i) * out_row + column + j)
                 column += width
+
+    def replicas(self, layout: SavedLayout, sources, outputs: dict) -> None:
+        """Each rank's saved ``layout.name`` against the output rows (axis 0) or columns (axis 1) of its blocks;
+        the blocks the piece maps read were compared by `tensor` already."""
+        k = next(i for i, ranks in enumerate(sources) if ranks[0].name == layout.name)
+        for r, blocks in enumerate(layout.ranks):
+            src, at = sources[k][r], 0
+            for block in blocks:
+                if block.original not in outputs:  # the plan rebuilds what the layouts name: a plan bug, named
+                    raise CheckpointError(f"{self.shown}: '{layout.name}' holds '{block.original}', which the plan lacks")
+                tensor, out = outputs[block.original]
+                size = block.stop - block.start
+                if not read_by_plan(tensor.provenance, k, r, at, at + size, src.shape):
+                    if not src.is_dense():
+                        raise CheckpointError(f"{src.file}: '{src.name}' is not dense")
+                    if layout.axis == 0:
+                        self._row_block(tensor, out, src, at, block.start, size)
+                    else:
+                        self._column_block(tensor, out, src, at, block.start, size)
+                at += size
+
+    def _row_block(self, tensor: PlannedTensor, out: StoredTensor, src: StoredTensor, first: int, start: int, rows: int) -> None:
+        """Rows [first, first + rows) of ``src`` against rows [start, start + rows) of the output."""
+        step = row_bytes(src.shape, src.itemsize)
+        if step != row_bytes(out.shape, out.itemsize):
+            raise CheckpointError(f"{self.shown}: the rows of '{src.name}' and '{tensor.name}' differ in size")
+        begin, target, length = first * step, start * step, rows * step
+        for i in range(0, length, CHUNK):
+            n = min(CHUNK, length - i)
+            a = self._read(self.files, src.file, data_offset(src) + begin + i, self._source[:n])
+            b = self._read(self._outputs, out.file, out.offset + target + i, self._output[:n])
+            if not self.np.array_equal(a, b):
+                x = int(self.np.flatnonzero(a != b)[0])
+                raise self._mismatch(tensor, out, src, begin + i + x, target + i + x)
+
+    def _column_block(self, tensor: PlannedTensor, out: StoredTensor, src: StoredTensor, first: int, start: int, columns: int) -> None:
+        """Columns [first, first + columns) of every row of 2-D ``src`` against columns [start, ...) of the output."""
+        np, item = self.np, src.itemsize
+        rows, src_row, out_row = src.shape[0], row_bytes(src.shape, item), row_bytes(out.shape, item)
+        if rows != out.shape[0]:
+            raise CheckpointError(f"{self.shown}: '{src.name}' and '{tensor.name}' differ in rows")
+        widest = max(src_row, out_row)
+        if widest > len(self._source):
+            self._source, self._output = np.empty(widest, dtype=np.uint8), np.empty(widest, dtype=np.uint8)
+        chunk_rows, width = max(1, len(self._source) // widest), columns * item
+        for row in range(0, rows, chunk_rows):
+            n = min(chunk_rows, rows - row)
+            a = self._read(self.files, src.file, data_offset(src) + row * src_row, self._source[: n * src_row])
+            a = a.reshape(n, src_row)[:, first * item : first * item + width]
+            b = self._read(self._outputs, out.file, out.offset + row * out_row, self._output[: n * out_row])
+            b = b.reshape(n, out_row)[:, start * item : start * item + width]
+            if not np.array_equal(a, b):
+                i, j = divmod(int(np.flatnonzero(a != b)[0]), width)
+                raise self._mismatch(tensor, out, src, (row + i) * src_row + first * item + j, (row + i) * out_row + start * item + j)
 
     def _check_covered(self, tensor: PlannedTensor, out: StoredTensor, nbytes: int) -> None:
         if nbytes != out.nbytes:  # the planner checked it: a plan bug, named as such
