@@ -5,6 +5,7 @@ and a damaged header are each one error line naming the tensor and the file, and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -173,3 +174,71 @@ def test_verify_says_why_it_re_derives_with_torch(checkpoints, tmp_path):
     assert result.summary().endswith("all bit-exact [torch re-derivation: the output holds no safetensors model weights]")
     consolidate(checkpoints / "ours", tmp_path / "fp32", dtype="fp32")
     assert verify(checkpoints / "ours", tmp_path / "fp32", dtype="fp32").reason == "a dtype cast (fp32)"
+
+
+@pytest.fixture(scope="module")
+def gqa_replicated(tmp_path_factory):
+    """GQA with kv_size_multiplier=2: tp=4 ranks, each key/value head saved on two of them."""
+    from optimum_neuron_peft.checkpoint.save import save_sharded_checkpoint
+    from optimum_neuron_peft.checkpoint.tp_layout import llama_layout
+
+    from consolidation_helpers import llama_config
+
+    root = tmp_path_factory.mktemp("gqa") / "ckpt"
+    config = llama_config()
+    layout = llama_layout(config, 4, kv_size_multiplier=2)
+    save_sharded_checkpoint(root, layout.rank_state_dicts(model_state(torch.bfloat16)), layout.metadata_per_pp(), config=config.to_dict())
+    return root
+
+
+def _replica_copy(tmp_path: Path, source: Path, name: str) -> tuple[Path, Path, str]:
+    """A copy of ``source`` where one rank the plan does not read holds a different ``name`` (first byte flipped):
+    (the copy, that rank file, the saved tensor name)."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(source, ckpt)
+    plan = plan_model(ckpt)
+    tensor = next(t for t in plan.tensors if t.name == name)
+    read = {r for _, r, _, _ in tensor.provenance.pieces}
+    rank = next(r for r in range(plan.checkpoint.model.tp_size) if r not in read)
+    (k, _, _, _) = tensor.provenance.pieces[0]
+    saved = tensor.sources[k][rank]
+    rank_file = plan.checkpoint.model.rank_files[(rank, 0)]
+    _flip(rank_file, saved.name, 1)
+    manifest = json.loads((ckpt / "manifest.json").read_text())  # a consistent input, not a corrupted file
+    manifest["files"][rank_file.relative_to(ckpt).as_posix()]["sha256"] = hashlib.sha256(rank_file.read_bytes()).hexdigest()
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    return ckpt, rank_file, saved.name
+
+
+@pytest.mark.parametrize("which, name", [("ours", "model.norm.weight"), ("gqa", "model.layers.1.self_attn.k_proj.weight")])
+def test_replicas_that_disagree_fail_verify_in_both_engines(checkpoints, gqa_replicated, tmp_path, capsys, which, name):
+    """A replicated norm (every rank) or GQA key/value head (kv_size_multiplier=2) whose copy on a rank the
+    consolidation does not read differs: torch-free and torch verification both refuse it, torch-free with one line
+    naming the rank file, the saved tensor and the output tensor."""
+    source = checkpoints / "ours" if which == "ours" else gqa_replicated
+    ckpt, rank_file, saved = _replica_copy(tmp_path, source, name)
+    expected = f"{rank_file}: tensor '{saved}' differs from the bytes of '{name}' in {tmp_path / 'out' / 'model.safetensors'}"
+    with pytest.raises(CheckpointError) as caught:
+        consolidate(ckpt, tmp_path / "out", verify=True)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    code, _, err = _run_cli(capsys, "consolidate", ckpt, tmp_path / "out", "--verify", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and expected in err
+    with pytest.raises(CheckpointError) as caught:  # the torch re-derivation agrees
+        consolidate(ckpt, tmp_path / "torch", engine="torch", verify=True)
+    assert str(caught.value).startswith(f"{rank_file}: tensor '{saved}' differs from the one re-derived from ")
+    assert consolidate(ckpt, tmp_path / "out").engine == "torch-free"  # unverified: published from the read copies
+    code, _, err = _run_cli(capsys, "verify", ckpt, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and expected in err
+    code, _, _ = _run_cli(capsys, "verify", source, tmp_path / "out")  # the clean checkpoint: the same output verifies
+    assert code == 0
+
+
+def test_a_clean_replicated_gqa_checkpoint_verifies_torch_free(gqa_replicated, tmp_path):
+    result = consolidate(gqa_replicated, tmp_path / "out", verify=True)
+    assert (result.engine, result.reason) == ("torch-free", None)
+    code = "import sys; from optimum_neuron_peft.cli import main; c = main(sys.argv[1:]); " + NO_HEAVY_IMPORTS + "sys.exit(c)"
+    proc = subprocess.run([sys.executable, "-c", code, "verify", str(gqa_replicated), str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.rstrip().endswith("all bit-exact [torch-free]"), proc.stderr
