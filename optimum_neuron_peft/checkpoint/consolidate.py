@@ -6,8 +6,8 @@ tensor math included. Both write the same bytes where both apply.
 
 The choice is explicit and always has a stated reason, never a silent switch:
 
-- options that need tensor math or the torch engine's features (a dtype cast, ``pytorch`` output, ``verify``,
-  adapters) choose the torch engine, with that option as the reason;
+- options that need tensor math or the torch engine's features (a dtype cast, ``pytorch`` output, ``verify``)
+  choose the torch engine, with that option as the reason;
 - else the torch-free planner plans the checkpoint; a layout it does not vouch for raises `declared.Unsupported`
   (what it is) and a file it refuses raises `CheckpointError`: the torch engine takes the checkpoint with that
   reason recorded (and reports the checkpoint's errors with its established messages);
@@ -52,8 +52,6 @@ def options_needing_torch(options: ConsolidateOptions) -> str | None:
         return f"a dtype cast ({_dtype_name(options.dtype)})"
     if options.verify:
         return "verify"
-    if options.adapter is not None:
-        return f"adapter {options.adapter!r} selected"
     return None
 
 
@@ -73,7 +71,8 @@ def choose_engine(checkpoint_dir: str | os.PathLike, options: ConsolidateOptions
         from .torch_free_plan import plan_model
 
         try:
-            return Choice("torch-free", plan=plan_model(checkpoint_dir, check_checksums=options.check_checksums))
+            plan = plan_model(checkpoint_dir, adapter=options.adapter, check_checksums=options.check_checksums)
+            return Choice("torch-free", plan=plan)
         except Unsupported as err:
             reason = str(err)
         except CheckpointError as err:  # the torch engine reports it, with its own message

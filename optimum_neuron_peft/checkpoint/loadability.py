@@ -79,11 +79,17 @@ def check_adapter_keys(keys: Iterable[str], adapter_dir: Path, config_file: Path
     """One-line `CheckpointError` unless ``keys`` (of ``adapter_dir``'s weights) is what PEFT loads: exactly the
     expected set when ``config_file`` gives the base architecture, else the structural rules (module docstring).
     ``shown_as``: the directory to name in the error (the published one, when ``adapter_dir`` is temporary)."""
+    expected = expected_adapter_keys(config_file, adapter_dir) if config_file is not None else None
+    check_adapter_keys_against(keys, adapter_dir, expected, shown_as)
+
+
+def check_adapter_keys_against(keys: Iterable[str], adapter_dir: Path, expected: set[str] | None, shown_as: Path | None = None) -> None:
+    """`check_adapter_keys` with PEFT's keys already known (`known_keys.expected_adapter_keys`, torch-free), or
+    None for the structural check only."""
     keys = set(keys)
     where = (shown_as or adapter_dir) / "adapter_model.safetensors"
     check_adapter_structure(keys, adapter_dir, where)
-    if config_file is not None:
-        expected = expected_adapter_keys(config_file, adapter_dir)
+    if expected is not None:
         _mismatch(where, "PeftModel.from_pretrained", keys, expected, expected)
 
 

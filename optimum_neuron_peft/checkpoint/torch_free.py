@@ -21,47 +21,73 @@ and says why when it is not this engine.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
-from .loadability import ExpectedModelKeys, mismatch_error
+from ..utils.safe_paths import check_inside
+from .loadability import ExpectedModelKeys, check_adapter_keys_against, mismatch_error
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
 from .engine_common import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
 from ..transformations.pieces import RowCopy
 from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
-from .torch_free_plan import ModelPlan, PlannedTensor
+from .torch_free_plan import ModelPlan, PartPlan, PlannedTensor
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+
 
 def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
     """Write ``plan`` (of ``checkpoint_dir``, by `torch_free_plan.plan_model`) to ``output_dir``, atomically, and
-    check that Transformers would load its keys. `consolidate.choose_engine` made the plan and checked the options."""
+    check that Transformers / PEFT would load its keys. `consolidate.choose_engine` made the plan and checked the
+    options."""
     o = options
     start = time.perf_counter()
     config_file = plan.checkpoint.config_file
-    expected = ExpectedModelKeys(config_file) if config_file is not None else None  # `loadability`
+    has_model = any(part.adapter_name is None for part in plan.parts)
+    expected = ExpectedModelKeys(config_file) if config_file is not None and has_model else None  # `loadability`
+    count = total = 0
+    directories = {}
     try:
         with atomic_output_dir(output_dir, overwrite=o.overwrite, inputs=[checkpoint_dir]) as tmp:
-            count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
-            copy_root_files([config_file, *plan.checkpoint.extra_files], tmp)
-            if expected is not None:
-                mismatch_error([t.name for t in plan.tensors], *expected.result(), output_dir)
+            for part in plan.parts:
+                directory = check_inside(tmp, tmp / part.subdir if part.subdir else tmp)
+                directory.mkdir(parents=True, exist_ok=True)
+                shown_as = output_dir / part.subdir
+                names = [t.name for t in part.tensors]
+                if part.adapter_name is None:
+                    n, size = write_model(part, directory, max_shard_size=o.max_shard_size, progress=o.progress)
+                    copy_root_files([config_file, *plan.checkpoint.extra_files], directory)
+                    if expected is not None:
+                        mismatch_error(names, *expected.result(), shown_as)
+                    directories["model"] = shown_as
+                else:
+                    n, size = write_model(part, directory, kind="adapter", progress=o.progress)
+                    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(part.adapter_config, indent=2) + "\n")
+                    check_adapter_keys_against(names, directory, part.expected_keys, shown_as)
+                    directories[part.adapter_name] = shown_as
+                count, total = count + n, total + size
     finally:
         if expected is not None:
             expected.cancel()
-    return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")
+    return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, directories, engine="torch-free")
 
 
-def write_model(plan: ModelPlan, directory: Path, *, max_shard_size: int | str, progress: bool = False) -> tuple[int, int]:
-    """Write the model's weight files (and index) into ``directory``; returns (tensors, bytes)."""
+def write_model(
+    plan: PartPlan, directory: Path, *, kind: Literal["model", "adapter"] = "model", max_shard_size: int | str = "5GB",
+    progress: bool = False,
+) -> tuple[int, int]:
+    """Write one part's weight files (and index) into ``directory``: a Transformers model, or a PEFT adapter's one
+    file; returns (tensors, bytes)."""
     tensors = plan.tensors
     plans = {t.name: TensorPlan(t.name, t.dtype, t.shape) for t in tensors}
-    files, index_name, index = split_into_files(plans, "model", "safetensors", max_shard_size)
+    files, index_name, index = split_into_files(plans, kind, "safetensors", max_shard_size)
     total = sum(p.nbytes for p in plans.values())
     writeback = WritebackThread()
     writers: dict[str, SafetensorsPlacedWriter] = {}
@@ -136,7 +162,7 @@ class _ColumnGatherer:
                     self._error = err
 
 
-def _stream(plan: ModelPlan, writer_of: dict[str, SafetensorsPlacedWriter], on_bytes: Callable[[int], None]) -> None:
+def _stream(plan: PartPlan, writer_of: dict[str, SafetensorsPlacedWriter], on_bytes: Callable[[int], None]) -> None:
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     gatherer = _ColumnGatherer(writer_of, on_bytes)
     try:
