@@ -140,9 +140,9 @@ LEFT_TO_TORCH = {  # options -> the reason stated
     "dtype": ({"dtype": "fp32"}, "a dtype cast (fp32)"),
     "pytorch format": ({"format": "pytorch"}, "output format 'pytorch'"),
     "verify": ({"verify": True}, "verify"),
-    "adapter selected": ({"adapter": "default"}, "adapter 'default' selected"),
-    "adapter in checkpoint": ({"with_adapter": True}, "the checkpoint holds adapters (or no model)"),
-}
+    "adapter selected, cast": ({"adapter": "default", "dtype": "fp16"}, "a dtype cast (fp16)"),
+    "adapter in checkpoint, verify": ({"with_adapter": True, "verify": True}, "verify"),
+}  # adapters as saved take the torch-free engine: test_torch_free_adapters.py
 
 
 @pytest.mark.parametrize("case", list(LEFT_TO_TORCH))
