@@ -1,4 +1,5 @@
-"""The state-dict keys Transformers expects for an architecture we know, from ``config.json`` alone; imports no torch.
+"""The state-dict keys Transformers (and PEFT, for a LoRA adapter) expects for an architecture we know, from
+``config.json`` (and ``adapter_config.json``) alone; imports no torch.
 
 `loadability.expected_model_keys` builds the model on the meta device to ask Transformers itself, which costs
 importing torch and Transformers (~4 s on a small VM: more than copying a 1.5 GB checkpoint). For the

@@ -14,7 +14,7 @@ Output layout (``OUTPUT_DIR``):
 - several adapters without model: ``OUTPUT_DIR/<adapter name>/`` each.
 
 The torch engine. Two engines write the same bytes: `consolidate` (torch-free, the public entry point) chooses between
-`torch_free` (a full model consolidated as saved: declared provenance, byte copies, no torch import) and this one,
+`torch_free` (a checkpoint consolidated as saved: declared provenance, byte copies, no torch import) and this one,
 and says why.
 """
 

@@ -1,7 +1,8 @@
-"""The torch-free consolidation engine: a full-model sharded checkpoint -> a Transformers directory, by byte copies.
+"""The torch-free consolidation engine: a sharded checkpoint -> Transformers / PEFT directories, by byte copies.
 
-Every weight of a full model (GQA attention, fused MLP, row/column-parallel and replicated parameters) is a pure
-data move of the saved shards, so consolidating one needs no tensor math: `torch_free_plan` declares where each
+Every weight of a full model (GQA attention, fused MLP, row/column-parallel and replicated parameters) and of a LoRA
+adapter (optimum-neuron's shared lora_A and fused lora_B included) is a pure data move of the saved shards, so
+consolidating one needs no tensor math: `torch_free_plan` declares where each
 output's bytes are, and this module copies them, without importing torch (whose import alone takes ~2 s, as long
 as copying a few GB). The output is byte for byte what the torch engine (`torch_engine`) writes: the same shard
 split (`hf_output.split_into_files`), the same safetensors headers (`stream_writer.safetensors_layout`), the same
@@ -13,9 +14,10 @@ gathered through reused numpy buffers on a second thread at the same time. Both 
 headers fix, so neither waits for the other (the copies release the GIL: the kernel copy and numpy's gather run on
 both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
 
-Applies when the checkpoint holds the model only (no adapter) in plain, xser or safetensors rank files, the output is
-safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch for every tensor: `consolidate` decides,
-and says why when it is not this engine.
+Applies when the checkpoint (model, adapters or both, in the torch engine's directory layout) is in plain, xser or
+safetensors rank files, the output is safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch
+for every tensor and for the keys PEFT expects of an adapter (`known_keys`): `consolidate` decides, and says why when
+it is not this engine.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Planning a full-model consolidation without torch: every output tensor, its shape, and where its bytes are.
+"""Planning a consolidation (model and/or adapters) without torch: every output tensor, its shape, and where its bytes are.
 
 The torch engine (`source`, `consolidate.plan_part`) builds spec objects, runs them on dry tensors for the output
 shapes and on index tensors for the byte provenance. This does the same from the files' headers and the metadata's
@@ -6,8 +6,10 @@ shapes and on index tensors for the byte provenance. This does the same from the
 `optimum_neuron.scan_rank_file` for optimum-neuron's plain ``torch.save`` files and xser reference + tensor files),
 grouped as the torch engine groups them (`grouping`), and each group's outputs declared in the torch engine's order.
 
-It takes only what it can vouch for: the model alone (no adapter), plain, xser or safetensors rank files, registered
-specs with valid fields, shapes that agree with the metadata, dense tensors. Anything else raises
+It takes only what it can vouch for: plain, xser or safetensors rank files, registered specs with valid fields,
+shapes that agree with the metadata, dense tensors, no LoRA tensor in the model's shards, and for an adapter with a
+``config.json``, the keys PEFT expects derived from it (`known_keys.expected_adapter_keys`). An adapter's
+``adapter_config.json`` and the outputs it keeps come from `adapter_targets`, as in the torch engine. Anything else raises
 `declared.Unsupported`, and any file error `CheckpointError`: the caller then leaves the checkpoint to the torch
 engine, which reports errors with its established messages.
 """
