@@ -40,9 +40,8 @@ from .engine_common import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, c
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
 from ..transformations.pieces import RowCopy
 from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
+from .optimum_neuron import ADAPTER_CONFIG
 from .torch_free_plan import ModelPlan, PartPlan, PlannedTensor
-
-ADAPTER_CONFIG_NAME = "adapter_config.json"
 
 
 def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
@@ -64,14 +63,14 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
                 shown_as = output_dir / part.subdir
                 names = [t.name for t in part.tensors]
                 if part.adapter_name is None:
-                    n, size = write_model(part, directory, max_shard_size=o.max_shard_size, progress=o.progress)
+                    n, size = write_part(part, directory, max_shard_size=o.max_shard_size, progress=o.progress)
                     copy_root_files([config_file, *plan.checkpoint.extra_files], directory)
                     if expected is not None:
                         mismatch_error(names, *expected.result(), shown_as)
                     directories["model"] = shown_as
                 else:
-                    n, size = write_model(part, directory, kind="adapter", progress=o.progress)
-                    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(part.adapter_config, indent=2) + "\n")
+                    n, size = write_part(part, directory, kind="adapter", progress=o.progress)
+                    (directory / ADAPTER_CONFIG).write_text(json.dumps(part.adapter_config, indent=2) + "\n")
                     check_adapter_keys_against(names, directory, part.expected_keys, shown_as)
                     directories[part.adapter_name] = shown_as
                 count, total = count + n, total + size
@@ -81,7 +80,7 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, directories, engine="torch-free")
 
 
-def write_model(
+def write_part(
     plan: PartPlan, directory: Path, *, kind: Literal["model", "adapter"] = "model", max_shard_size: int | str = "5GB",
     progress: bool = False,
 ) -> tuple[int, int]:
