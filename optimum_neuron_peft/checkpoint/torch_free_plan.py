@@ -145,8 +145,8 @@ def _restore_adapter(plan: PartPlan, part: ShardedPart, fused: list, droppable: 
     ]
     config, kept = restore_adapter_config(part.adapter_config, fused, groups)
     plan.groups = [
-        [dataclasses.replace(t, name=PEFT_WRAPPER_PREFIX + t.name) for t in group if t.name in set(names)]
-        for group, names in zip(plan.groups, kept)
+        [dataclasses.replace(t, name=PEFT_WRAPPER_PREFIX + t.name) for t in group if t.name in keep]
+        for group, keep in zip(plan.groups, map(set, kept))
     ]
     plan.adapter_config = config
     if config_file is not None:
