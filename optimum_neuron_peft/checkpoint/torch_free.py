@@ -16,8 +16,7 @@ both cores). Each tensor's write-back to disk starts as soon as it is written, s
 
 Applies when the checkpoint (model, adapters or both, in the torch engine's directory layout) is in plain, xser or
 safetensors rank files, the output is safetensors, no dtype cast and no ``verify`` is asked, and the planner can vouch
-for every tensor and for the keys PEFT expects of an adapter (`known_keys`): `consolidate` decides, and says why when
-it is not this engine.
+for every tensor: `consolidate` decides, and says why when it is not this engine.
 """
 
 from __future__ import annotations
@@ -51,11 +50,15 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
     o = options
     start = time.perf_counter()
     config_file = plan.checkpoint.config_file
-    has_model = any(part.adapter_name is None for part in plan.parts)
-    expected = ExpectedModelKeys(config_file) if config_file is not None and has_model else None  # `loadability`
+    # The keys Transformers / PEFT expect of each part (`loadability`: derived, cached, or a child process at work
+    # while the bytes are copied); without config.json an adapter gets the structural check only.
+    expected: dict[str | None, ExpectedModelKeys] = {}
     count = total = 0
     directories = {}
     try:
+        if config_file is not None:
+            for part in plan.parts:
+                expected[part.adapter_name] = ExpectedModelKeys(config_file, part.adapter_config)
         with atomic_output_dir(output_dir, overwrite=o.overwrite, inputs=[checkpoint_dir]) as tmp:
             for part in plan.parts:
                 directory = check_inside(tmp, tmp / part.subdir if part.subdir else tmp)
@@ -65,18 +68,19 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
                 if part.adapter_name is None:
                     n, size = write_part(part, directory, max_shard_size=o.max_shard_size, progress=o.progress)
                     copy_root_files([config_file, *plan.checkpoint.extra_files], directory)
-                    if expected is not None:
-                        mismatch_error(names, *expected.result(), shown_as)
+                    if None in expected:
+                        mismatch_error(names, *expected[None].result(), shown_as)
                     directories["model"] = shown_as
                 else:
                     n, size = write_part(part, directory, kind="adapter", progress=o.progress)
                     (directory / ADAPTER_CONFIG).write_text(json.dumps(part.adapter_config, indent=2) + "\n")
-                    check_adapter_keys_against(names, directory, part.expected_keys, shown_as)
+                    keys = expected[part.adapter_name].result()[0] if part.adapter_name in expected else None
+                    check_adapter_keys_against(names, directory, keys, shown_as)
                     directories[part.adapter_name] = shown_as
                 count, total = count + n, total + size
     finally:
-        if expected is not None:
-            expected.cancel()
+        for keys in expected.values():
+            keys.cancel()
     return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, directories, engine="torch-free")
 
 

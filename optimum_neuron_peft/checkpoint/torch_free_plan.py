@@ -7,8 +7,7 @@ shapes and on index tensors for the byte provenance. This does the same from the
 grouped as the torch engine groups them (`grouping`), and each group's outputs declared in the torch engine's order.
 
 It takes only what it can vouch for: plain, xser or safetensors rank files, registered specs with valid fields,
-shapes that agree with the metadata, dense tensors, no LoRA tensor in the model's shards, and for an adapter with a
-``config.json``, the keys PEFT expects derived from it (`known_keys.expected_adapter_keys`). An adapter's
+shapes that agree with the metadata, dense tensors, no LoRA tensor in the model's shards. An adapter's
 ``adapter_config.json`` and the outputs it keeps come from `adapter_targets`, as in the torch engine. Anything else raises
 `declared.Unsupported`, and any file error `CheckpointError`: the caller then leaves the checkpoint to the torch
 engine, which reports errors with its established messages.
@@ -25,14 +24,12 @@ from typing import Any
 
 from ..errors import CheckpointError
 from ..transformations.names import PEFT_WRAPPER_PREFIX, is_lora_parameter, normalize_parameters_metadata, remove_base_layer
-from ..utils.schema import read_json
 from .adapter_targets import AdapterGroup, fused_names_of, restore_adapter_config, shared_lora_projections
 from .config_shapes import check_config_shapes
 from .declared import DeclaredSpec, GroupShapes, Unsupported, check_parameter_entry, declared_spec, group_outputs
 from .detect import Checkpoint, open_checkpoint, source_format_of
 from ..formats.dtypes import itemsize
 from .grouping import check_ranks_agree, group_tensors
-from .known_keys import expected_adapter_keys
 from .optimum_neuron import ShardedPart, scan_rank_file, strip_key_prefix
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
 from ..transformations.pieces import Provenance
@@ -62,9 +59,6 @@ class PartPlan:
     subdir: str
     groups: list[list[PlannedTensor]]  # in output order; a group's tensors are rebuilt from the same saved tensors
     adapter_config: dict[str, Any] | None = None  # the published adapter_config.json (`adapter_targets`)
-    # The keys PeftModel.from_pretrained loads (`known_keys.expected_adapter_keys`); None: no config.json, the
-    # structural check only (`loadability.check_adapter_structure`).
-    expected_keys: set[str] | None = None
 
     @property
     def tensors(self) -> list[PlannedTensor]:
@@ -107,7 +101,7 @@ def plan_model(checkpoint_dir: str | os.PathLike, *, adapter: str | None = None,
         groups, fused, droppable = _plan_part(part, source_format_of(checkpoint))
         plan = PartPlan(part.adapter_name, subdir, groups)
         if part.adapter_name is not None:
-            _restore_adapter(plan, part, fused, droppable, checkpoint.config_file)
+            _restore_adapter(plan, part, fused, droppable)
         planned.append(plan)
     plan = ModelPlan(checkpoint, planned)
     check_config_shapes(checkpoint.config_file, ((t.name, t.shape) for t in plan.tensors))
@@ -135,9 +129,9 @@ def _plan_part(part: ShardedPart, source_format: str) -> tuple[list[list[Planned
     return groups, list(dict.fromkeys(fused)), droppable
 
 
-def _restore_adapter(plan: PartPlan, part: ShardedPart, fused: list, droppable: list[tuple[Path, set[str]]], config_file: Path | None) -> None:
+def _restore_adapter(plan: PartPlan, part: ShardedPart, fused: list, droppable: list[tuple[Path, set[str]]]) -> None:
     """``adapter_config.json`` in original names and the outputs it keeps (`adapter_targets`, as the torch engine),
-    output names with PEFT's wrapper prefix, and the keys PEFT will expect."""
+    output names with PEFT's wrapper prefix."""
     if part.adapter_config is None:
         raise Unsupported(f"adapter {part.adapter_name!r} has no adapter_config.json")  # the torch engine reports it
     groups = [
@@ -149,13 +143,6 @@ def _restore_adapter(plan: PartPlan, part: ShardedPart, fused: list, droppable: 
         for group, keep in zip(plan.groups, map(set, kept))
     ]
     plan.adapter_config = config
-    if config_file is not None:
-        plan.expected_keys = expected_adapter_keys(read_json(config_file, error=CheckpointError), config)
-        if plan.expected_keys is None:
-            raise Unsupported(
-                f"adapter {part.adapter_name!r}: the keys PEFT expects are derived without torch only for a Llama "
-                "model and a plain LoRA config on its projections"
-            )
 
 
 def _rank_file(path: Path, part: ShardedPart) -> dict[str, StoredTensor]:

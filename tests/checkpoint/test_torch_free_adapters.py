@@ -170,14 +170,42 @@ def test_an_adapter_peft_would_not_load_is_refused_alike(tmp_path):
     assert errors[0] == errors[1] and "\n" not in errors[0]
 
 
-def test_an_adapter_config_not_derived_takes_the_torch_engine_with_the_reason(tmp_path):
+@pytest.mark.parametrize("family", ["qwen3", "granite"])
+def test_keys_not_derived_are_computed_by_a_child_process(tmp_path, family, monkeypatch):
+    """An architecture `known_keys` does not derive: PEFT's keys come from a child process (torch, Transformers and
+    PEFT imported there, not in the consolidating process), cached for the next run; same bytes as the torch engine."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    extra = {"head_dim": 16} if family == "qwen3" else {"residual_multiplier": 0.5}
+    ckpt, config, adapters = _write(tmp_path / "ckpt", Layout(Case(tp=4, m=2, family=family, extra=extra)))
+    code = (
+        "import sys; from optimum_neuron_peft.checkpoint import consolidate; r = consolidate(sys.argv[1], sys.argv[2]); "
+        "heavy = sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules); "
+        "assert not heavy, f'imported {heavy}'; assert r.engine == 'torch-free' and r.reason is None"
+    )
+    for run in ("child", "cached"):
+        out = tmp_path / f"free-{run}"
+        proc = subprocess.run([sys.executable, "-c", code, str(ckpt), str(out)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list((tmp_path / "cache").rglob("*.json"))) == 1  # written by the first run, read by the second
+    consolidate(ckpt, tmp_path / "torch", engine="torch")
+    for run in ("child", "cached"):
+        assert _files(tmp_path / f"free-{run}") == _files(tmp_path / "torch")
+    _assert_peft_loads(tmp_path / "free-child", config, adapters["default"][0])
+
+
+def test_a_wrong_key_is_refused_through_the_child_process_too(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     ckpt, _, _ = _write(tmp_path / "ckpt", Layout(Case(tp=4, m=2, family="qwen3", extra={"head_dim": 16})))
-    choice = choose_engine(ckpt, ConsolidateOptions())
-    assert choice.engine == "torch" and "keys PEFT expects are derived without torch only for a Llama model" in choice.reason
-    result = consolidate(ckpt, tmp_path / "out")
-    assert result.engine == "torch" and result.summary().endswith(f"[torch engine: {choice.reason}]")
-    with pytest.raises(CheckpointError, match="the torch-free engine cannot consolidate this checkpoint"):
-        consolidate(ckpt, tmp_path / "out2", engine="torch-free")
+    config = json.loads((ckpt / "config.json").read_text())
+    config["num_hidden_layers"], config["layer_types"] = 1, config["layer_types"][:1]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    errors = []
+    for engine in ("torch", "torch-free"):
+        with pytest.raises(CheckpointError, match=r"PeftModel.from_pretrained would not load this output: \d+ keys it does not expect") as err:
+            consolidate(ckpt, tmp_path / "out", engine=engine)
+        assert not (tmp_path / "out").exists()
+        errors.append(str(err.value))
+    assert errors[0] == errors[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
