@@ -5,10 +5,10 @@ The expected keys come from the libraries, not from our own idea of them: a mode
 ``AutoModelForCausalLM.from_config`` on the meta device (no memory, a fraction of a second even for 8B) from the
 checkpoint's ``config.json``, and for an adapter, ``peft.get_peft_model`` of that model with the adapter's
 ``adapter_config.json`` as PEFT reads it, then ``get_peft_model_state_dict`` (what ``PeftModel.from_pretrained``
-loads); the torch-free engine takes the same sets from `known_keys` where it can derive them (pinned to the
-libraries by tests). Without a ``config.json`` (optimum-neuron writes adapter-only checkpoints without one), an adapter gets the
-structural check that needs no model: one ``base_model.model.`` prefix, ``lora_A``/``lora_B`` pairs, only targeted
-modules.
+loads). The torch-free engine takes the same sets from `known_keys` where it can derive them (pinned to the
+libraries by tests), else from a child process (`ExpectedModelKeys`). Without a ``config.json`` (optimum-neuron
+writes adapter-only checkpoints without one), an adapter gets the structural check that needs no model: one
+``base_model.model.`` prefix, ``lora_A``/``lora_B`` pairs, only targeted modules.
 """
 
 from __future__ import annotations
