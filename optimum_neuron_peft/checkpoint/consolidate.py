@@ -6,9 +6,9 @@ tensor math included. Both write the same bytes where both apply.
 
 The choice is explicit and always has a stated reason, never a silent switch:
 
-- options that need tensor math or the torch engine's features (a dtype cast, ``pytorch`` output, adapters)
-  choose the torch engine, with that option as the reason (``verify`` does not: each engine verifies its own output,
-  the torch-free one by comparing bytes, `byte_verify`);
+- options that need tensor math (a dtype cast, ``pytorch`` output) choose the torch engine, with that option
+  as the reason (``verify`` does not: each engine verifies its own output, the torch-free one by comparing
+  bytes, `byte_verify`, for a model; ``verify`` of adapters is still the torch engine's, with that reason);
 - else the torch-free planner plans the checkpoint; a layout it does not vouch for raises `declared.Unsupported`
   (what it is) and a file it refuses raises `CheckpointError`: the torch engine takes the checkpoint with that
   reason recorded (and reports the checkpoint's errors with its established messages);
@@ -51,8 +51,6 @@ def options_needing_torch(options: ConsolidateOptions) -> str | None:
         return f"output format {options.format!r}"
     if options.dtype is not None:
         return f"a dtype cast ({_dtype_name(options.dtype)})"
-    if options.adapter is not None:
-        return f"adapter {options.adapter!r} selected"
     return None
 
 
@@ -72,7 +70,10 @@ def choose_engine(checkpoint_dir: str | os.PathLike, options: ConsolidateOptions
         from .torch_free_plan import plan_model
 
         try:
-            return Choice("torch-free", plan=plan_model(checkpoint_dir, check_checksums=options.check_checksums))
+            plan = plan_model(checkpoint_dir, adapter=options.adapter, check_checksums=options.check_checksums)
+            if options.verify and any(part.adapter_name is not None for part in plan.parts):
+                raise Unsupported("verify of adapters (the byte verification covers model weights)")
+            return Choice("torch-free", plan=plan)
         except Unsupported as err:
             reason = str(err)
         except CheckpointError as err:  # the torch engine reports it, with its own message

@@ -5,9 +5,10 @@ The expected keys come from the libraries, not from our own idea of them: a mode
 ``AutoModelForCausalLM.from_config`` on the meta device (no memory, a fraction of a second even for 8B) from the
 checkpoint's ``config.json``, and for an adapter, ``peft.get_peft_model`` of that model with the adapter's
 ``adapter_config.json`` as PEFT reads it, then ``get_peft_model_state_dict`` (what ``PeftModel.from_pretrained``
-loads). Without a ``config.json`` (optimum-neuron writes adapter-only checkpoints without one), an adapter gets the
-structural check that needs no model: one ``base_model.model.`` prefix, ``lora_A``/``lora_B`` pairs, only targeted
-modules.
+loads). The torch-free engine takes the same sets from `known_keys` where it can derive them (pinned to the
+libraries by tests), else from a child process (`ExpectedModelKeys`). Without a ``config.json`` (optimum-neuron
+writes adapter-only checkpoints without one), an adapter gets the structural check that needs no model: one
+``base_model.model.`` prefix, ``lora_A``/``lora_B`` pairs, only targeted modules.
 """
 
 from __future__ import annotations
@@ -79,11 +80,17 @@ def check_adapter_keys(keys: Iterable[str], adapter_dir: Path, config_file: Path
     """One-line `CheckpointError` unless ``keys`` (of ``adapter_dir``'s weights) is what PEFT loads: exactly the
     expected set when ``config_file`` gives the base architecture, else the structural rules (module docstring).
     ``shown_as``: the directory to name in the error (the published one, when ``adapter_dir`` is temporary)."""
+    expected = expected_adapter_keys(config_file, adapter_dir) if config_file is not None else None
+    check_adapter_keys_against(keys, adapter_dir, expected, shown_as)
+
+
+def check_adapter_keys_against(keys: Iterable[str], adapter_dir: Path, expected: set[str] | None, shown_as: Path | None = None) -> None:
+    """`check_adapter_keys` with PEFT's keys already known (`known_keys.expected_adapter_keys`, torch-free), or
+    None for the structural check only."""
     keys = set(keys)
     where = (shown_as or adapter_dir) / ADAPTER_WEIGHTS_NAME
     check_adapter_structure(keys, adapter_dir, where)
-    if config_file is not None:
-        expected = expected_adapter_keys(config_file, adapter_dir)
+    if expected is not None:
         _mismatch(where, "PeftModel.from_pretrained", keys, expected, expected)
 
 
@@ -133,29 +140,40 @@ def mismatch_error(keys: Iterable[str], required: Iterable[str], allowed: Iterab
 
 
 class ExpectedModelKeys:
-    """`expected_model_keys` for the torch-free engine, which keeps torch out of its own process (seconds of imports):
-    derived from the config for an architecture `known_keys` knows (pinned to Transformers by tests), else read from
-    a cache keyed by the config's bytes and the Transformers version, else computed by a child process started now,
-    on the other core while the bytes are copied. `result()` gives ``(required, allowed)``."""
+    """`expected_model_keys` (or, given ``adapter_config``, `expected_adapter_keys` of that published config) for
+    the torch-free engine, which keeps torch out of its own process (seconds of imports): derived from the configs
+    where `known_keys` can (pinned to the libraries by tests), else read from a cache keyed by the configs' bytes and
+    the library versions, else computed by a child process started now, on the other core while the bytes are
+    copied. `result()` gives ``(required, allowed)`` (the same set twice for an adapter)."""
 
-    def __init__(self, config_file: Path) -> None:
+    def __init__(self, config_file: Path, adapter_config: dict | None = None) -> None:
         import hashlib
         import os
         import subprocess
         import sys
+        import tempfile
         from importlib.metadata import PackageNotFoundError, version
 
-        from .known_keys import expected_keys_from_config
+        from .known_keys import expected_adapter_keys, expected_keys_from_config
 
         self._config_file = Path(config_file)
+        self._adapter = adapter_config is not None
         self._child = None
+        self._adapter_dir = None
         try:
             data = self._config_file.read_bytes()
-            key = hashlib.sha256(data + version("transformers").encode()).hexdigest()
+            versions = version("transformers") + (f" {version('peft')}" if self._adapter else "")
+            adapter_bytes = json.dumps(adapter_config, sort_keys=True).encode() if self._adapter else b""
+            key = hashlib.sha256(data + versions.encode() + adapter_bytes).hexdigest()
         except (OSError, PackageNotFoundError) as err:
             raise CheckpointError(f"{config_file}: cannot compute the keys Transformers expects ({err})") from None
         try:
-            known = expected_keys_from_config(json.loads(data))
+            config = json.loads(data)
+            if self._adapter:
+                keys = expected_adapter_keys(config, adapter_config)
+                known = None if keys is None else (keys, keys)
+            else:
+                known = expected_keys_from_config(config)
         except ValueError:  # not JSON: Transformers (the child) reports it
             known = None
         if known is not None:
@@ -165,17 +183,24 @@ class ExpectedModelKeys:
         self._cache_file = cache / f"{key}.json"
         self._cached = _read_json(self._cache_file)
         if self._cached is None:
+            argv = [str(config_file)]
+            if self._adapter:  # PEFT reads the config from a directory
+                self._adapter_dir = tempfile.mkdtemp(prefix="onp-adapter-config-")
+                (Path(self._adapter_dir) / "adapter_config.json").write_text(json.dumps(adapter_config), encoding="utf-8")
+                argv = ["--adapter", str(config_file), self._adapter_dir]
             self._child = subprocess.Popen(
-                [sys.executable, "-m", __name__, str(config_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True,
+                [sys.executable, "-m", __name__, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
 
     def result(self) -> tuple[set[str], set[str]]:
         found = self._cached
         if found is None:
             out, err = self._child.communicate()
+            self._remove_adapter_dir()
             if self._child.returncode != 0:
                 last = (err.strip().splitlines() or ["no output"])[-1]
+                if self._adapter and self._child.returncode == 2:  # our CheckpointError: as the torch engine says it
+                    raise CheckpointError(last)
                 raise CheckpointError(f"{self._config_file}: could not compute the keys Transformers expects ({last})")
             found = json.loads(out)
             _write_json_atomically(self._cache_file, found)
@@ -185,6 +210,14 @@ class ExpectedModelKeys:
         if self._child is not None and self._child.poll() is None:
             self._child.kill()
             self._child.wait()
+        self._remove_adapter_dir()
+
+    def _remove_adapter_dir(self) -> None:
+        if self._adapter_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+            self._adapter_dir = None
 
 
 def _read_json(path: Path) -> dict | None:
@@ -210,11 +243,15 @@ def _write_json_atomically(path: Path, value: dict) -> None:
         pass
 
 
-if __name__ == "__main__":  # the child of `ExpectedModelKeys`
+if __name__ == "__main__":  # the child of `ExpectedModelKeys`: CONFIG_FILE, or --adapter CONFIG_FILE ADAPTER_DIR
     import sys
 
     try:
-        required, allowed = expected_model_keys(Path(sys.argv[1]))
+        if sys.argv[1] == "--adapter":
+            keys = expected_adapter_keys(Path(sys.argv[2]), Path(sys.argv[3]))
+            required, allowed = keys, keys
+        else:
+            required, allowed = expected_model_keys(Path(sys.argv[1]))
     except CheckpointError as error:
         print(error, file=sys.stderr)
         sys.exit(2)

@@ -17,6 +17,7 @@ from ..errors import CheckpointError, OptimumNeuronPeftError
 from ..transformations import ModelWeightTransformationSpecs, parse_metadata
 from ..transformations.names import normalize_parameters_metadata, remove_base_layer
 from .detect import Checkpoint, open_checkpoint, source_format_of  # noqa: F401 (re-exported)
+from .adapter_targets import lora_module_of  # noqa: F401 (re-exported)
 from .grouping import Group, check_ranks_agree, group_tensors
 from ..formats.lazy_tensor import LazyTensor, open_safetensors
 from .optimum_neuron import ShardedPart, open_rank_file, strip_key_prefix
@@ -151,13 +152,3 @@ def select_parts(checkpoint: Checkpoint, adapter: str | None, source_format: str
     parts = [open_part(checkpoint.model, source_format)] if checkpoint.model is not None else []
     parts += [open_part(p, source_format) for _, p in sorted(checkpoint.adapters.items())]
     return parts
-
-
-def lora_module_of(name: str) -> str | None:
-    """``model.layers.0.self_attn.q_proj.lora_A.weight`` -> ``model.layers.0.self_attn.q_proj``."""
-    parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.startswith("lora_"):
-            return ".".join(parts[:i])
-    return None
-

@@ -14,7 +14,7 @@ Output layout (``OUTPUT_DIR``):
 - several adapters without model: ``OUTPUT_DIR/<adapter name>/`` each.
 
 The torch engine. Two engines write the same bytes: `consolidate` (torch-free, the public entry point) chooses between
-`torch_free` (a full model consolidated as saved: declared provenance, byte copies, no torch import) and this one,
+`torch_free` (a checkpoint consolidated as saved: declared provenance, byte copies, no torch import) and this one,
 and says why.
 """
 
@@ -36,16 +36,16 @@ from ..transformations.model import to_original_weights
 from ..transformations.names import ADAPTER_CONFIG_NAME, PEFT_WRAPPER_PREFIX
 from ..utils.atomic import atomic_output_dir
 from ..utils.safe_paths import check_inside
-from ..utils.schema import read_json
 from .byte_copy import Buffers, RangeCopier, SourceFiles, gather_columns, read_ranges_into, row_ranges
 from ..transformations.pieces import ColumnGather, Provenance, RowCopy
 from .config_shapes import check_config_shapes
 from .declared import GroupShapes, Unsupported, group_outputs
 from .engine_common import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
 from .hf_output import WeightsWriter
-from .loadability import check_adapter_keys, check_model_keys, targeted
-from .schemas import ADAPTER_CONFIG_SCHEMA
-from .source import Group, Part, Stage, checked, lora_module_of, open_checkpoint, select_parts, source_format_of
+from .adapter_targets import AdapterGroup, fused_names_of, shared_lora_projections
+from .adapter_targets import restore_adapter_config as restore_adapter_config_of
+from .loadability import check_adapter_keys, check_model_keys
+from .source import Group, Part, Stage, checked, open_checkpoint, select_parts, source_format_of
 from .stream_writer import TensorPlan
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -184,81 +184,26 @@ def plan_part(part: Part, dtype: torch.dtype | None) -> list[GroupPlan]:
     return plans
 
 
-def _fused_names_of(specs) -> list[tuple[str, tuple[str, ...]]]:
-    """(fused module name, its original projections) for each spec of a module."""
-    names = []
-    for spec in specs:
-        names += [(fused, projections.original_names) for fused, projections in spec.fused_projections().items()]
-    return names
-
-
 def _fused_names(part: Part) -> list[tuple[str, tuple[str, ...]]]:
-    return list(dict.fromkeys(n for specs in part.all_specs for n in _fused_names_of(specs)))
-
-
-def _restore_fused_targets(targets: list[str], fused_names: list[tuple[str, tuple[str, ...]]]) -> list[str]:
-    """``target_modules`` entries naming a fused module (bare, ``qkv_proj``, or full path, as vanilla PEFT saves
-    ``all-linear`` expanded: ``model.layers.0.self_attn.qkv_proj``) replaced by its original projections, with the
-    same prefix. Projections already listed next to it (partial targets) are kept alone (`remove_fused_target`)."""
-    for fused, projections in fused_names:
-        restored: list[str] = []
-        for entry in targets:
-            if entry == fused or entry.endswith(f".{fused}"):
-                prefix = entry[: len(entry) - len(fused)]
-                expanded = [prefix + p for p in projections]
-                entry_list = [] if any(e in targets for e in expanded) else expanded
-            else:
-                entry_list = [entry]
-            restored += [e for e in entry_list if e not in restored]
-        targets = restored
-    return targets
-
-
-def _shared_lora_projections(group: Group) -> set[str]:
-    """Original projections served by an optimum-neuron shared lora_A / fused lora_B saved in ``group``."""
-    out: set[str] = set()
-    for specs in group.specs:
-        m = specs.module_fully_qualified_name
-        for fused, projections in _fused_names_of(specs):
-            names = {f"{m}.{fused}.lora_A.weight", f"{m}.{fused}.lora_B.weight", f"{m}.{fused}.lora_B.weight_qkv"}
-            if names & set(group.names):
-                out |= {f"{m}.{p}" for p in projections}
-    return out
+    return list(dict.fromkeys(n for specs in part.all_specs for n in fused_names_of(specs)))
 
 
 def restore_adapter_config(part: Part, groups: list[GroupPlan]) -> dict[str, Any]:
     """The checkpoint's ``adapter_config.json`` with ``target_modules`` in original names, checked against the
-    LoRA tensors. LoRA outputs of projections the config does not target are dropped when they come from
-    optimum-neuron's shared ``lora_A`` (a fused module's adapter serves all its projections); otherwise a mismatch
-    is an error."""
-    path = part.adapter_config
-    config = read_json(path, ADAPTER_CONFIG_SCHEMA, error=CheckpointError)
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        targets = sorted(_restore_fused_targets(targets, _fused_names(part)))
-        config["target_modules"] = targets
-    produced: set[str] = set()
-    for plan in groups:
-        droppable = _shared_lora_projections(plan.group)
-        kept = []
-        for name, tensor_plan in plan.outputs:
-            module = lora_module_of(name)
-            if module is None:
-                raise CheckpointError(f"{plan.stage.rank_files[0]}: adapter file holds '{name}', which is not a LoRA tensor")
-            if not targeted(targets, module):
-                if module in droppable:
-                    continue
-                raise CheckpointError(
-                    f"{path}: target_modules {targets} does not target {module}, which has LoRA tensors in "
-                    f"{plan.stage.rank_files[0].name}"
-                )
-            produced.add(module)
-            kept.append((name, tensor_plan))
-        plan.outputs = kept
-    if isinstance(targets, list):
-        missing = sorted(t for t in set(targets) if not any(targeted([t], m) for m in produced))
-        if missing:
-            raise CheckpointError(f"{path}: target_modules lists {missing} but the checkpoint has no LoRA tensors for them")
+    LoRA tensors (`adapter_targets.restore_adapter_config`); the outputs it drops are removed from ``groups``."""
+    fused = _fused_names(part)
+    adapter_groups = [
+        AdapterGroup(
+            plan.stage.rank_files[0],
+            set().union(*(shared_lora_projections(s.module_fully_qualified_name, fused_names_of(s), plan.group.names) for s in plan.group.specs)),
+            [name for name, _ in plan.outputs],
+        )
+        for plan in groups
+    ]
+    config, kept = restore_adapter_config_of(part.adapter_config, fused, adapter_groups)
+    for plan, names in zip(groups, kept):
+        keep = set(names)
+        plan.outputs = [(name, tensor_plan) for name, tensor_plan in plan.outputs if name in keep]
     return config
 
 

@@ -1,7 +1,8 @@
-"""The torch-free consolidation engine: a full-model sharded checkpoint -> a Transformers directory, by byte copies.
+"""The torch-free consolidation engine: a sharded checkpoint -> Transformers / PEFT directories, by byte copies.
 
-Every weight of a full model (GQA attention, fused MLP, row/column-parallel and replicated parameters) is a pure
-data move of the saved shards, so consolidating one needs no tensor math: `torch_free_plan` declares where each
+Every weight of a full model (GQA attention, fused MLP, row/column-parallel and replicated parameters) and of a LoRA
+adapter (optimum-neuron's shared lora_A and fused lora_B included) is a pure data move of the saved shards, so
+consolidating one needs no tensor math: `torch_free_plan` declares where each
 output's bytes are, and this module copies them, without importing torch (whose import alone takes ~2 s, as long
 as copying a few GB). The output is byte for byte what the torch engine (`torch_engine`) writes: the same shard
 split (`hf_output.split_into_files`), the same safetensors headers (`stream_writer.safetensors_layout`), the same
@@ -13,60 +14,90 @@ gathered through reused numpy buffers on a second thread at the same time. Both 
 headers fix, so neither waits for the other (the copies release the GIL: the kernel copy and numpy's gather run on
 both cores). Each tensor's write-back to disk starts as soon as it is written, so the final fsync has little left.
 
-Applies when the checkpoint holds the model only (no adapter) in plain, xser or safetensors rank files, the output is
-safetensors, no dtype cast is asked, and the planner can vouch for every tensor: `consolidate` decides, and says why
-when it is not this engine. ``verify`` re-reads the staged output and compares it with the rank files' bytes, torch-free
-too (`byte_verify`), before publishing it.
+Applies when the checkpoint (model, adapters or both, in the torch engine's directory layout) is in plain, xser or
+safetensors rank files, the output is safetensors, no dtype cast is asked, and the planner can vouch for every
+tensor: `consolidate` decides, and says why when it is not this engine. ``verify`` (of a model) re-reads the staged
+output and compares it with the rank files' bytes, torch-free too (`byte_verify`), before publishing it.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import queue
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 from ..errors import CheckpointError
 from ..utils.atomic import atomic_output_dir
-from .loadability import ExpectedModelKeys, mismatch_error
+from ..utils.safe_paths import check_inside
+from .loadability import ExpectedModelKeys, check_adapter_keys_against, mismatch_error
 from .byte_copy import RangeCopier, Scratch, SourceFiles, gather_column_bytes, row_ranges
 from .engine_common import SLEEP_ENV, ConsolidateOptions, ConsolidationResult, copy_root_files
 from .hf_output import SAFETENSORS_METADATA, split_into_files, write_index
+from ..transformations.names import ADAPTER_CONFIG_NAME
 from ..transformations.pieces import RowCopy
 from .stream_writer import SafetensorsPlacedWriter, TensorPlan, WritebackThread
-from .torch_free_plan import ModelPlan, PlannedTensor
+from .torch_free_plan import ModelPlan, PartPlan, PlannedTensor
+
 
 def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, options: ConsolidateOptions) -> ConsolidationResult:
     """Write ``plan`` (of ``checkpoint_dir``, by `torch_free_plan.plan_model`) to ``output_dir``, atomically, and
-    check that Transformers would load its keys. `consolidate.choose_engine` made the plan and checked the options."""
+    check that Transformers / PEFT would load its keys. `consolidate.choose_engine` made the plan and checked the
+    options."""
     o = options
     start = time.perf_counter()
     config_file = plan.checkpoint.config_file
-    expected = ExpectedModelKeys(config_file) if config_file is not None else None  # `loadability`
+    # The keys Transformers / PEFT expect of each part (`loadability`: derived, cached, or a child process at work
+    # while the bytes are copied); without config.json an adapter gets the structural check only.
+    expected: dict[str | None, ExpectedModelKeys] = {}
+    count = total = 0
+    directories = {}
     try:
+        if config_file is not None:
+            for part in plan.parts:
+                expected[part.adapter_name] = ExpectedModelKeys(config_file, part.adapter_config)
         with atomic_output_dir(output_dir, overwrite=o.overwrite, inputs=[checkpoint_dir]) as tmp:
-            count, total = write_model(plan, tmp, max_shard_size=o.max_shard_size, progress=o.progress)
-            copy_root_files([config_file, *plan.checkpoint.extra_files], tmp)
-            if expected is not None:
-                mismatch_error([t.name for t in plan.tensors], *expected.result(), output_dir)
-            if o.verify:  # the staged files, before they are published; checks their key set is the plan's
-                from .byte_verify import verify_written
+            for part in plan.parts:
+                directory = check_inside(tmp, tmp / part.subdir if part.subdir else tmp)
+                directory.mkdir(parents=True, exist_ok=True)
+                shown_as = output_dir / part.subdir
+                names = [t.name for t in part.tensors]
+                if part.adapter_name is None:
+                    n, size = write_part(part, directory, max_shard_size=o.max_shard_size, progress=o.progress)
+                    copy_root_files([config_file, *plan.checkpoint.extra_files], directory)
+                    if None in expected:
+                        mismatch_error(names, *expected[None].result(), shown_as)
+                    if o.verify:  # the staged files, before they are published (adapters + verify: torch engine)
+                        from .byte_verify import verify_written
 
-                verify_written(plan, tmp, shown_as=output_dir)
+                        verify_written(plan, directory, shown_as=shown_as)
+                    directories["model"] = shown_as
+                else:
+                    n, size = write_part(part, directory, kind="adapter", progress=o.progress)
+                    (directory / ADAPTER_CONFIG_NAME).write_text(json.dumps(part.adapter_config, indent=2) + "\n")
+                    keys = expected[part.adapter_name].result()[0] if part.adapter_name in expected else None
+                    check_adapter_keys_against(names, directory, keys, shown_as)
+                    directories[part.adapter_name] = shown_as
+                count, total = count + n, total + size
     finally:
-        if expected is not None:
-            expected.cancel()
-    return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, {"model": output_dir}, engine="torch-free")
+        for keys in expected.values():
+            keys.cancel()
+    return ConsolidationResult(output_dir, count, total, time.perf_counter() - start, directories, engine="torch-free")
 
 
-def write_model(plan: ModelPlan, directory: Path, *, max_shard_size: int | str, progress: bool = False) -> tuple[int, int]:
-    """Write the model's weight files (and index) into ``directory``; returns (tensors, bytes)."""
+def write_part(
+    plan: PartPlan, directory: Path, *, kind: Literal["model", "adapter"] = "model", max_shard_size: int | str = "5GB",
+    progress: bool = False,
+) -> tuple[int, int]:
+    """Write one part's weight files (and index) into ``directory``: a Transformers model, or a PEFT adapter's one
+    file; returns (tensors, bytes)."""
     tensors = plan.tensors
     plans = {t.name: TensorPlan(t.name, t.dtype, t.shape) for t in tensors}
-    files, index_name, index = split_into_files(plans, "model", "safetensors", max_shard_size)
+    files, index_name, index = split_into_files(plans, kind, "safetensors", max_shard_size)
     total = sum(p.nbytes for p in plans.values())
     writeback = WritebackThread()
     writers: dict[str, SafetensorsPlacedWriter] = {}
@@ -141,7 +172,7 @@ class _ColumnGatherer:
                     self._error = err
 
 
-def _stream(plan: ModelPlan, writer_of: dict[str, SafetensorsPlacedWriter], on_bytes: Callable[[int], None]) -> None:
+def _stream(plan: PartPlan, writer_of: dict[str, SafetensorsPlacedWriter], on_bytes: Callable[[int], None]) -> None:
     sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
     gatherer = _ColumnGatherer(writer_of, on_bytes)
     try:

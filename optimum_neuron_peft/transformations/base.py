@@ -110,6 +110,11 @@ class ModelWeightTransformationSpec(ABC):
         """{fused module name (relative to the custom module): the original projections it holds}; {} when the
         spec fuses nothing. The PEFT config mapping and the consolidation's adapter names read it."""
 
+    def fused_names(self) -> dict[str, tuple[str, ...]]:
+        """{fused module: its original projections}, from `fused_projections` (the built-in specs answer it
+        torch-free from their field classes, `transformations.spec_fields`)."""
+        return {name: tuple(p.original_names) for name, p in self.fused_projections().items()}
+
     def permuted_input_modules(self) -> dict[str, str]:
         """{row-parallel module: the fused GQA module whose local query-head order its input columns follow}
         (row-parallel LoRA init takes the same columns); {} when the spec permutes no input columns."""

@@ -63,6 +63,11 @@ class GQAQKVFields(_LinearParams):
     def _projection_names(self) -> dict[str, str]:
         return {"q": self.query_projection_name, "k": self.key_projection_name, "v": self.value_projection_name}
 
+    def fused_names(self) -> dict[str, tuple[str, ...]]:
+        """{fused module: its original projections, in order}: the torch-free part of the specs' `fused_projections`
+        (consolidation restores adapter targets from it)."""
+        return {self.gqa_qkv_projection_name: tuple(self._projection_names.values())}
+
     def _local_rows(self) -> dict[str, int]:
         kv = self.kv_output_size_per_partition
         return {"q": self.q_output_size_per_partition, "k": kv, "v": kv}
@@ -187,6 +192,10 @@ class FusedLinearsFields(_LinearParams):
     fuse_axis: int
     original_dims: Sequence[int]  # as linear_names
     tp_size: int
+
+    def fused_names(self) -> dict[str, tuple[str, ...]]:
+        """{fused module: its original linears, in order} (as `GQAQKVFields.fused_names`)."""
+        return {self.fused_linear_name: tuple(self.linear_names)}
 
     def get_relevant_parameter_names(self, module_fully_qualified_name: str) -> set[str]:
         m, fused = module_fully_qualified_name, self.fused_linear_name

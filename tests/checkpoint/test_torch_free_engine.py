@@ -139,9 +139,9 @@ def test_library_api_takes_the_torch_free_engine_when_it_applies(tmp_path):
 LEFT_TO_TORCH = {  # options -> the reason stated
     "dtype": ({"dtype": "fp32"}, "a dtype cast (fp32)"),
     "pytorch format": ({"format": "pytorch"}, "output format 'pytorch'"),
-    "adapter selected": ({"adapter": "default"}, "adapter 'default' selected"),
-    "adapter in checkpoint": ({"with_adapter": True}, "the checkpoint holds adapters (or no model)"),
-}
+    "adapter selected, cast": ({"adapter": "default", "dtype": "fp16"}, "a dtype cast (fp16)"),
+    "adapter in checkpoint, verify": ({"with_adapter": True, "verify": True}, "verify of adapters (the byte verification covers model weights)"),
+}  # adapters as saved take the torch-free engine: test_torch_free_adapters.py
 
 
 @pytest.mark.parametrize("case", list(LEFT_TO_TORCH))
