@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 
 def forward_layouts(plan: ModelPlan) -> list[tuple[list[PlannedTensor], list[SavedLayout]]]:
-    """(group, the saved layouts of its saved tensors) for every group of ``plan``; `Unsupported` cannot happen
+    """(group, the saved layouts of its saved tensors) for every model group of ``plan``; `Unsupported` cannot happen
     for a plan the planner made (it built these layouts), so it is raised as is, as a plan bug."""
     from .torch_free_plan import _specs  # the planner's reading of the specs, not a second one
 
@@ -35,7 +35,7 @@ def forward_layouts(plan: ModelPlan) -> list[tuple[list[PlannedTensor], list[Sav
         stage_of[path] = stage_of[Path(f"{path}{XSER_TENSORS_SUFFIX}")] = pp
     stages: dict[int, tuple[list, dict]] = {}
     out = []
-    for group in plan.groups:
+    for group in (g for p in plan.parts if p.adapter_name is None for g in p.groups):  # the model's (adapters: torch)
         sources = group[0].sources
         file = sources[0][0].file
         pp = stage_of[file] if file in stage_of else stage_of[file.parent]
