@@ -45,6 +45,15 @@ class Choice:
     plan: Any = None
 
 
+VERIFY_ADAPTERS = "verify of adapters (the byte verification covers model weights)"
+
+
+def holds_adapters(plan: Any) -> bool:
+    """Whether a torch-free plan (`torch_free_plan.ModelPlan`) publishes adapters: their verification is the torch
+    engine's (`VERIFY_ADAPTERS`)."""
+    return any(part.adapter_name is not None for part in plan.parts)
+
+
 def options_needing_torch(options: ConsolidateOptions) -> str | None:
     """Why these options need the torch engine, or None."""
     if options.format != "safetensors":
@@ -71,8 +80,8 @@ def choose_engine(checkpoint_dir: str | os.PathLike, options: ConsolidateOptions
 
         try:
             plan = plan_model(checkpoint_dir, adapter=options.adapter, check_checksums=options.check_checksums)
-            if options.verify and any(part.adapter_name is not None for part in plan.parts):
-                raise Unsupported("verify of adapters (the byte verification covers model weights)")
+            if options.verify and holds_adapters(plan):
+                raise Unsupported(VERIFY_ADAPTERS)
             return Choice("torch-free", plan=plan)
         except Unsupported as err:
             reason = str(err)

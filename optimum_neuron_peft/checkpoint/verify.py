@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
 from .byte_verify import BytesVerified, has_safetensors_model, verify_written
-from .consolidate import options_needing_torch
+from .consolidate import VERIFY_ADAPTERS, holds_adapters, options_needing_torch
 from .declared import Unsupported
 from .engine_common import ConsolidateOptions
 
@@ -45,13 +45,17 @@ def verify(
         except CheckpointError as err:  # the torch path reports it, with its own message
             reason = f"the torch-free planner refused it ({err})"
         else:
-            return _verify_bytes(plan, consolidated_dir)
+            if not holds_adapters(plan):
+                return _verify_bytes(plan, consolidated_dir)
+            reason = VERIFY_ADAPTERS
     return _verify_with_torch(checkpoint_dir, consolidated_dir, adapter, dtype, check_checksums, reason)
 
 
 def _needs_torch(adapter: str | None, dtype: Any, consolidated_dir: Path) -> str | None:
     """Why this verification re-derives with torch (the consolidation options' reasons, then the output's), or None."""
     reason = options_needing_torch(ConsolidateOptions(adapter=adapter, dtype=dtype))
+    if reason is None and adapter is not None:
+        reason = VERIFY_ADAPTERS
     if reason is None and not has_safetensors_model(consolidated_dir):
         reason = "the output holds no safetensors model weights"
     return reason
