@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 def forward_layouts(plan: ModelPlan) -> list[tuple[list[PlannedTensor], list[SavedLayout]]]:
     """(group, the saved layouts of its saved tensors) for every model group of ``plan``; `Unsupported` cannot happen
     for a plan the planner made (it built these layouts), so it is raised as is, as a plan bug."""
-    from .torch_free_plan import _specs  # the planner's reading of the specs, not a second one
+    from .torch_free_plan import declared_specs_of  # the planner's reading of the specs, not a second one
 
     part = plan.checkpoint.model
     stage_of: dict[Path, int] = {}
@@ -43,7 +43,7 @@ def forward_layouts(plan: ModelPlan) -> list[tuple[list[PlannedTensor], list[Sav
             metadata = part.metadata[pp]
             if source_format_of(plan.checkpoint) == "optimum-neuron":
                 metadata = normalize_quirks(metadata, part.tp_size)
-            stages[pp] = (_specs(metadata, part.tp_size), normalize_parameters_metadata(metadata["parameters"]))
+            stages[pp] = (declared_specs_of(metadata, part.tp_size), normalize_parameters_metadata(metadata["parameters"]))
         modules, parameters = stages[pp]
         names = [ranks[0].name for ranks in sources]
         shapes = {ranks[0].name: tuple(ranks[0].shape) for ranks in sources}

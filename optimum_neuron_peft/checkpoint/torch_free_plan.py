@@ -158,7 +158,7 @@ def _rank_file(path: Path, part: ShardedPart) -> dict[str, StoredTensor]:
     return renamed
 
 
-def _specs(metadata: dict[str, Any], tp_size: int) -> list[tuple[str, list[DeclaredSpec]]]:
+def declared_specs_of(metadata: dict[str, Any], tp_size: int) -> list[tuple[str, list[DeclaredSpec]]]:
     modules = []
     for entry in metadata.get("model_weight_transformation_specs", []):
         if not isinstance(entry, dict) or not isinstance(entry.get("module_fully_qualified_name"), str):
@@ -191,7 +191,7 @@ def _plan_stage(part: ShardedPart, pp: int, source_format: str) -> tuple[set[str
     for name, entry in raw.items():
         check_parameter_entry(name, entry, part.tp_size)
     parameters = normalize_parameters_metadata(raw, part.adapter_name)
-    modules = _specs(metadata, part.tp_size)
+    modules = declared_specs_of(metadata, part.tp_size)
     rank_files = [part.rank_files[(tp, pp)] for tp in range(part.tp_size)]
     tensors = [_rank_file(path, part) for path in rank_files]
     check_ranks_agree(rank_files, tensors)
