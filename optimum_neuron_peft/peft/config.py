@@ -269,22 +269,22 @@ def adapt_peft_config_for_model(model: nn.Module, peft_config: Any, inplace: boo
     our parallel LoRA layers with PEFT. Raises `ConfigError` for configs that cannot work (nothing targeted,
     unsupported PEFT type, DoRA...).
     """
-    adapted = peft_config if inplace else copy.deepcopy(peft_config)
-    if isinstance(adapted, dict):
-        for name, config in adapted.items():
-            adapted[name] = adapt_lora_config(model, config, inplace=True)
-        return adapted
-    return adapt_lora_config(model, adapted, inplace=True)
+    return _each_config(model, peft_config, adapt_lora_config, inplace)
 
 
 def to_original_peft_config_for_model(model: nn.Module, peft_config: Any, inplace: bool = False) -> Any:
     """Inverse of `adapt_peft_config_for_model`: ``to_original(adapt(c)) == c``."""
-    restored = peft_config if inplace else copy.deepcopy(peft_config)
-    if isinstance(restored, dict):
-        for name, config in restored.items():
-            restored[name] = to_original_lora_config(model, config, inplace=True)
-        return restored
-    return to_original_lora_config(model, restored, inplace=True)
+    return _each_config(model, peft_config, to_original_lora_config, inplace)
+
+
+def _each_config(model: nn.Module, peft_config: Any, convert: Any, inplace: bool) -> Any:
+    """``convert`` applied to one config, or to each of a {adapter name: config} dict (copied unless ``inplace``)."""
+    configs = peft_config if inplace else copy.deepcopy(peft_config)
+    if isinstance(configs, dict):
+        for name, config in configs.items():
+            configs[name] = convert(model, config, inplace=True)
+        return configs
+    return convert(model, configs, inplace=True)
 
 
 def annotate_fused_layers(model: nn.Module, layouts: dict | None = None) -> None:
