@@ -47,7 +47,7 @@ from optimum_neuron_peft.checkpoint.native_format import (
     write_manifest,
     write_rank_file,
 )
-from optimum_neuron_peft.checkpoint.tp_layout import llama_layout
+from optimum_neuron_peft.checkpoint.tp_layout import plan_layout
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "checkpoint"))  # the test fixtures' writer
 from optimum_neuron_writer import write_metadata  # noqa: E402
@@ -76,7 +76,7 @@ def original_shapes(config: dict) -> dict[str, tuple[int, ...]]:
 
 def build(root: Path, config: dict, tp: int) -> tuple[int, int]:
     """Write ``root/ours`` and ``root/on`` (plain); returns (bytes, largest group bytes)."""
-    layout = llama_layout(config, tp)
+    layout = plan_layout(config, tp)
     gen = torch.Generator().manual_seed(0)
     # Random bits (any bf16 value, NaNs included: the data is only moved). Sharded from one original model so that
     # the replicated key/value heads agree across ranks, as in a real checkpoint (`--verify` checks it).

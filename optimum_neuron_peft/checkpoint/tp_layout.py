@@ -42,7 +42,7 @@ from ..transformations.plan_specs import build_spec
 
 
 @dataclasses.dataclass
-class LlamaShardingLayout:
+class ShardingLayout:
     """Specs and metadata of a Llama model at one tp size, split into ``pp_size`` contiguous pipeline stages."""
 
     num_hidden_layers: int
@@ -134,7 +134,7 @@ def plan_layout(
     fuse_qkv: bool = False,
     lora_target_modules: Iterable[str] | None = None,
     mha_fused_qkv: bool = False,
-) -> LlamaShardingLayout:
+) -> ShardingLayout:
     """The tensor-parallel layout of the model described by ``config`` (a Transformers config of any of the four
     families, or its dict), built from the parallel plan (`transformations.parallel_plan`).
 
@@ -165,10 +165,9 @@ def plan_layout(
         lora = lora_entries(config, tp_size, lora_target_modules or (), mha_fused_qkv=mha_fused_qkv)
     except ConfigError as err:
         raise ConfigError(f"plan_layout: {err}") from None
-    return LlamaShardingLayout(dims.layers, tp_size, pp_size, specs, params, lora, dims.tied)
+    return ShardingLayout(dims.layers, tp_size, pp_size, specs, params, lora, dims.tied)
 
 
-llama_layout = plan_layout  # the name from before the plan covered every family
 
 
 def peft_state_dict_to_plain(adapter_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

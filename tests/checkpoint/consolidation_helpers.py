@@ -17,7 +17,7 @@ from optimum_neuron_writer import write_optimum_neuron_checkpoint
 from optimum_neuron_peft.checkpoint.save import AdapterShards, save_sharded_checkpoint
 from optimum_neuron_peft.checkpoint.tp_layout import (
     LORA_TARGETS,
-    llama_layout,
+    plan_layout,
     merge_adapter_metadata,
     optimum_neuron_lora_metadata,
     peft_state_dict_to_plain,
@@ -75,8 +75,8 @@ def adapter_state(seed=1, shared_lora_a=False, targets=LORA_TARGETS, r=4) -> tup
 def write_ours(root: Path, tp: int, pp: int = 1, *, model: dict | None = None, adapters: dict | None = None, fuse_qkv=False, **config_overrides) -> Path:
     """Our format: ``model`` original state dict, ``adapters`` {name: (peft state dict, adapter_config)}."""
     config = llama_config(**config_overrides)
-    layout = llama_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv, lora_target_modules=LORA_TARGETS)
-    base_layout = llama_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv)
+    layout = plan_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv, lora_target_modules=LORA_TARGETS)
+    base_layout = plan_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv)
     shards = {}
     for name, (state, cfg) in (adapters or {}).items():
         shards[name] = AdapterShards(
@@ -96,7 +96,7 @@ def write_optimum_neuron(root: Path, tp: int, pp: int = 1, *, serialization="pla
     """optimum-neuron's layout; an adapter is written with its shared lora_A / fused gate_up lora_B naming."""
     config = llama_config(**config_overrides)
     if model is not None:
-        layout = llama_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv)
+        layout = plan_layout(config, tp, pp_size=pp, fuse_qkv=fuse_qkv)
         metadata = layout.metadata_per_pp()
         if fuse_qkv:  # the quirk: a fused weight_qkv is recorded as not tensor-parallel
             for meta in metadata.values():
@@ -121,7 +121,7 @@ def write_optimum_neuron_adapters(
     tensors, and every adapter's metadata listing the parameters of all adapters (pinned against the reference sample
     by test_optimum_neuron_sample.py)."""
     targets = sorted({t for _, cfg in adapters.values() for t in cfg["target_modules"]})
-    layout = llama_layout(
+    layout = plan_layout(
         config, tp, pp_size=pp, kv_size_multiplier=kv_size_multiplier, fuse_qkv=fuse_qkv, mha_fused_qkv=mha_fused_qkv,
         lora_target_modules=targets,
     )

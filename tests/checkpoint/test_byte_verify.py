@@ -180,13 +180,13 @@ def test_verify_says_why_it_re_derives_with_torch(checkpoints, tmp_path):
 def gqa_replicated(tmp_path_factory):
     """GQA with kv_size_multiplier=2: tp=4 ranks, each key/value head saved on two of them."""
     from optimum_neuron_peft.checkpoint.save import save_sharded_checkpoint
-    from optimum_neuron_peft.checkpoint.tp_layout import llama_layout
+    from optimum_neuron_peft.checkpoint.tp_layout import plan_layout
 
     from consolidation_helpers import llama_config
 
     root = tmp_path_factory.mktemp("gqa") / "ckpt"
     config = llama_config()
-    layout = llama_layout(config, 4, kv_size_multiplier=2)
+    layout = plan_layout(config, 4, kv_size_multiplier=2)
     save_sharded_checkpoint(root, layout.rank_state_dicts(model_state(torch.bfloat16)), layout.metadata_per_pp(), config=config.to_dict())
     return root
 

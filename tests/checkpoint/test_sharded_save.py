@@ -11,7 +11,7 @@ from optimum_neuron_peft.checkpoint.consolidate import consolidate
 from optimum_neuron_peft.checkpoint.reshard import reshard
 from optimum_neuron_peft.checkpoint.save import save_sharded_checkpoint, save_sharded_checkpoint_distributed
 from optimum_neuron_peft.checkpoint.native_format import FORMAT_NAME, ShardedCheckpoint
-from optimum_neuron_peft.checkpoint.tp_layout import llama_layout
+from optimum_neuron_peft.checkpoint.tp_layout import plan_layout
 from optimum_neuron_peft.errors import CheckpointError
 from optimum_neuron_peft.parallel.launch import spawn
 
@@ -34,7 +34,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
     model = model_state(torch.float32)
     write_ours(tmp_path / "ckpt", 2, model=model)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    layout = llama_layout(llama_config(), 2)
+    layout = plan_layout(llama_config(), 2)
 
     def failing():
         yield (0, 0), layout.shard(model, 0)
@@ -47,7 +47,7 @@ def test_failed_save_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 def _distributed_save(rank, world_size, out, model, tp, pp):
-    layout = llama_layout(llama_config(), tp, pp_size=pp)
+    layout = plan_layout(llama_config(), tp, pp_size=pp)
     tp_rank, pp_rank = rank % tp, rank // tp
     save_sharded_checkpoint_distributed(
         out, layout.shard(model, tp_rank, pp_rank), layout.metadata(pp_rank), tp_rank=tp_rank, tp_size=tp,
@@ -57,7 +57,7 @@ def _distributed_save(rank, world_size, out, model, tp, pp):
 
 
 def _distributed_save_fails_on_rank_1(rank, world_size, out, model):
-    layout = llama_layout(llama_config(), 2)
+    layout = plan_layout(llama_config(), 2)
     local = layout.shard(model, rank)
     if rank == 1:
         local = {"bad": object()}  # cannot be written
