@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..transformations.parallel_plan import LORA_TARGETS
 from .task import batches, make_batch
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = LORA_TARGETS  # every projection of a decoder layer (the parallel plan's)
 
 
 @dataclass(frozen=True)

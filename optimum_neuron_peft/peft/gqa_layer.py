@@ -19,16 +19,16 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..parallel import GQAQKVColumnParallelLinear, reduce_kv_replica_gradient, reduce_replica_gradient_in_backward
+from ..transformations.parallel_plan import FUSED_GROUPS
+from ..transformations.spec_fields import QKV
 from .fused import FUSED_LAYOUT_ATTRIBUTE, FusedProjections, MultiProjectionLora
-
-QKV = ("q", "k", "v")
 
 
 def default_qkv_layout(module: GQAQKVColumnParallelLinear) -> FusedProjections:
     hd = module.head_dim
     return FusedProjections(
         keys=QKV,
-        original_names=("q_proj", "k_proj", "v_proj"),
+        original_names=FUSED_GROUPS["qkv_proj"].linears,
         out_features=(module.num_attention_heads * hd, module.num_key_value_heads * hd, module.num_key_value_heads * hd),
     )
 
