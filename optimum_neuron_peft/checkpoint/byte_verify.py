@@ -1,13 +1,15 @@
-"""Verifying a full-model consolidation without torch: every output byte against the rank-file bytes it comes from.
+"""Verifying a consolidation without torch: every output byte against the rank-file bytes it comes from.
 
-Every output of a full-model consolidation is a pure data move that its piece map (`torch_free_plan.PlannedTensor`:
-a `RowCopy` or `ColumnGather` over (saved tensor, rank, range)) describes, so checking it needs no tensor math:
+Every output of a torch-free plan, the model's and each adapter's, is a pure data move that its piece map
+(`torch_free_plan.PlannedTensor`: a `RowCopy` or `ColumnGather` over (saved tensor, rank, range)) describes, so
+checking it needs no tensor math. Each part (`torch_free_plan.PartPlan`) is checked in its own directory:
 
-- the written files are opened as a loader would (``model.safetensors.index.json``, else ``model.safetensors``),
-  each header read by `stored_tensor.read_safetensors_header` (as strict as the safetensors library), the index's
-  ``weight_map`` checked against the files' contents;
-- the key set must be exactly the plan's (an extra or a missing tensor is named), each tensor of the planned dtype
-  and shape; the caller checks that Transformers loads that key set (`loadability`);
+- the written files are opened as a loader would (the model: ``model.safetensors.index.json``, else
+  ``model.safetensors``; an adapter: ``adapter_model.safetensors``), each header read by
+  `stored_tensor.read_safetensors_header` (as strict as the safetensors library), an index's ``weight_map``
+  checked against the files' contents;
+- the key set must be exactly the part's plan (an extra or a missing tensor is named), each tensor of the planned
+  dtype and shape; the caller checks that Transformers / PEFT loads that key set (`loadability`);
 - each output tensor is re-read from its file and compared with the rank-file bytes its piece map names, in chunks
   (memory stays flat in model size) through plain ``preadv`` reads into reused buffers: not the copier's path
   (``copy_file_range``, `byte_copy.gather_column_bytes`), so a bug there cannot hide itself.
@@ -31,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import CheckpointError
 from ..formats.stored_tensor import StoredTensor, read_safetensors_header
+from ..transformations.names import ADAPTER_WEIGHTS_NAME, PEFT_WRAPPER_PREFIX
 from ..transformations.pieces import RowCopy, SavedLayout, row_bytes
 from ..utils.safe_paths import check_safe_name
 from ..utils.schema import read_json
@@ -42,7 +45,7 @@ from .schemas import INDEX_SCHEMA
 if TYPE_CHECKING:
     import numpy as np
 
-    from .torch_free_plan import ModelPlan, PlannedTensor
+    from .torch_free_plan import ModelPlan, PartPlan, PlannedTensor
 
 CHUNK = 8 << 20  # bytes read per side and per comparison: memory stays flat in model size
 MODEL_INDEX, MODEL_FILE = "model.safetensors.index.json", "model.safetensors"
@@ -60,10 +63,27 @@ class BytesVerified:
             f"bytes they come from: all bit-exact [torch-free]"
         )
 
+    def __add__(self, other: BytesVerified) -> BytesVerified:
+        return BytesVerified(self.tensors + other.tensors, self.bytes + other.bytes, self.seconds + other.seconds)
+
 
 def has_safetensors_model(directory: Path) -> bool:
     """Whether ``directory`` holds model weights in safetensors (what this module reads)."""
     return (directory / MODEL_INDEX).is_file() or (directory / MODEL_FILE).is_file()
+
+
+def has_safetensors_output(part: PartPlan, directory: Path) -> bool:
+    """Whether ``directory`` holds ``part``'s weights in safetensors (what this module reads)."""
+    if part.adapter_name is None:
+        return has_safetensors_model(directory)
+    return (directory / ADAPTER_WEIGHTS_NAME).is_file()
+
+
+def read_adapter_output(directory: Path, shown_as: Path | None = None) -> dict[str, StoredTensor]:
+    """{name: StoredTensor} of the adapter weights in ``directory``, the header validated."""
+    if not (directory / ADAPTER_WEIGHTS_NAME).is_file():
+        raise CheckpointError(f"{shown_as or directory}: expected consolidated adapter weights ({ADAPTER_WEIGHTS_NAME}), found none")
+    return read_safetensors_header(directory / ADAPTER_WEIGHTS_NAME)
 
 
 def read_model_output(directory: Path, shown_as: Path | None = None) -> dict[str, StoredTensor]:
@@ -95,19 +115,29 @@ def read_model_output(directory: Path, shown_as: Path | None = None) -> dict[str
 
 
 def verify_written(plan: ModelPlan, directory: Path, *, shown_as: Path | None = None) -> BytesVerified:
-    """Check the model weights in ``directory`` against ``plan`` (module docstring); `CheckpointError` on the first
-    difference. The caller checks that the key set loads (`loadability`)."""
+    """Check every part of ``plan`` (the model, each adapter) in its subdirectory of ``directory`` (`verify_part`)."""
+    result = BytesVerified(0, 0, 0.0)
+    for part in plan.parts:
+        shown = (shown_as or directory) / part.subdir
+        result += verify_part(plan, part, directory / part.subdir, shown_as=shown)
+    return result
+
+
+def verify_part(plan: ModelPlan, part: PartPlan, directory: Path, *, shown_as: Path | None = None) -> BytesVerified:
+    """Check the weights of ``part`` (of ``plan``) in ``directory`` (module docstring); `CheckpointError` on the
+    first difference. The caller checks that the key set loads (`loadability`)."""
     start = time.perf_counter()
     shown = shown_as or directory
-    written = read_model_output(directory, shown)
-    planned = {t.name: t for t in plan.tensors}
+    adapter = part.adapter_name is not None
+    written = read_adapter_output(directory, shown) if adapter else read_model_output(directory, shown)
+    planned = {t.name: t for t in part.tensors}
     extra = sorted(set(written) - set(planned))
     if extra:
         raise CheckpointError(f"{shown}: holds tensors the checkpoint does not, e.g. {extra[:3]}")
     rank_file = _rank_file_names(plan)
     total = 0
     with SourceFiles() as files, _Comparer(files, rank_file, shown) as compare:
-        for tensor in plan.tensors:
+        for tensor in part.tensors:
             out = written.get(tensor.name)
             if out is None:
                 raise CheckpointError(f"{shown}: consolidated output lacks tensor '{tensor.name}'")
@@ -118,17 +148,18 @@ def verify_written(plan: ModelPlan, directory: Path, *, shown_as: Path | None = 
                 )
             compare.tensor(tensor, out)
             total += out.nbytes
-        for group, layouts in forward_layouts(plan):
-            outputs = {t.name: (t, written[t.name]) for t in group}
+        for group, layouts in forward_layouts(plan, part):
+            # the layouts name outputs as saved: an adapter's without PEFT's wrapper prefix
+            outputs = {t.name.removeprefix(PEFT_WRAPPER_PREFIX) if adapter else t.name: (t, written[t.name]) for t in group}
             for layout in layouts:
-                compare.replicas(layout, group[0].sources, outputs)
+                compare.replicas(layout, group[0].sources, outputs, adapter)
     return BytesVerified(len(planned), total, time.perf_counter() - start)
 
 
 def _rank_file_names(plan: ModelPlan) -> dict[Path, Path]:
     """The rank file to name for a data file: itself, or for an xser tensor file, its reference file."""
     names: dict[Path, Path] = {}
-    for path in plan.checkpoint.model.rank_files.values():
+    for path in (p for part in plan.parts for p in plan.source_of(part).rank_files.values()):
         names[path] = path
         names[Path(f"{path}{XSER_TENSORS_SUFFIX}")] = path
     return names
@@ -204,13 +235,17 @@ class _Comparer:
                     raise self._mismatch(tensor, out, src, (row + i) * src_row + first * item + j, (row + i) * out_row + column + j)
                 column += width
 
-    def replicas(self, layout: SavedLayout, sources, outputs: dict) -> None:
+    def replicas(self, layout: SavedLayout, sources, outputs: dict, adapter: bool = False) -> None:
         """Each rank's saved ``layout.name`` against the output rows (axis 0) or columns (axis 1) of its blocks;
-        the blocks the piece maps read were compared by `tensor` already."""
+        the blocks the piece maps read were compared by `tensor` already. ``adapter``: blocks of outputs the
+        published config drops (a shared LoRA tensor's untargeted projections, `adapter_targets`) are skipped."""
         k = next(i for i, ranks in enumerate(sources) if ranks[0].name == layout.name)
         for r, blocks in enumerate(layout.ranks):
             src, at = sources[k][r], 0
             for block in blocks:
+                if block.original not in outputs and adapter:
+                    at += block.stop - block.start
+                    continue
                 if block.original not in outputs:  # the plan rebuilds what the layouts name: a plan bug, named
                     raise CheckpointError(f"{self.shown}: '{layout.name}' holds '{block.original}', which the plan lacks")
                 tensor, out = outputs[block.original]

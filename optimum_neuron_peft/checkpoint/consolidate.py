@@ -8,7 +8,7 @@ The choice is explicit and always has a stated reason, never a silent switch:
 
 - options that need tensor math (a dtype cast, ``pytorch`` output) choose the torch engine, with that option
   as the reason (``verify`` does not: each engine verifies its own output, the torch-free one by comparing
-  bytes, `byte_verify`, for a model; ``verify`` of adapters is still the torch engine's, with that reason);
+  the bytes of the model and of every adapter, `byte_verify`);
 - else the torch-free planner plans the checkpoint; a layout it does not vouch for raises `declared.Unsupported`
   (what it is) and a file it refuses raises `CheckpointError`: the torch engine takes the checkpoint with that
   reason recorded (and reports the checkpoint's errors with its established messages);
@@ -45,15 +45,6 @@ class Choice:
     plan: Any = None
 
 
-VERIFY_ADAPTERS = "verify of adapters (the byte verification covers model weights)"
-
-
-def holds_adapters(plan: Any) -> bool:
-    """Whether a torch-free plan (`torch_free_plan.ModelPlan`) publishes adapters: their verification is the torch
-    engine's (`VERIFY_ADAPTERS`)."""
-    return any(part.adapter_name is not None for part in plan.parts)
-
-
 def options_needing_torch(options: ConsolidateOptions) -> str | None:
     """Why these options need the torch engine, or None."""
     if options.format != "safetensors":
@@ -80,8 +71,6 @@ def choose_engine(checkpoint_dir: str | os.PathLike, options: ConsolidateOptions
 
         try:
             plan = plan_model(checkpoint_dir, adapter=options.adapter, check_checksums=options.check_checksums)
-            if options.verify and holds_adapters(plan):
-                raise Unsupported(VERIFY_ADAPTERS)
             return Choice("torch-free", plan=plan)
         except Unsupported as err:
             reason = str(err)

@@ -4,7 +4,8 @@ The plan (`torch_free_plan`) carries the inverse piece maps only: each output re
 replicated tensor, replica 0 of a GQA key/value head). `byte_verify` checks every other copy too, from the
 forward layouts built here as the planner builds its groups: each spec's ``saved_layouts`` (the declared specs of
 the metadata, `declared`), then every saved tensor no spec consumed from its metadata entry
-(`declared.parameter_layout`: whole on every rank, or sharded along its partition_dim). Pure Python, no torch.
+(`declared.parameter_layout`: whole on every rank, or sharded along its partition_dim), for the model and for each
+adapter alike (an adapter's layouts name its outputs as saved, without PEFT's wrapper prefix). Pure Python, no torch.
 """
 
 from __future__ import annotations
@@ -21,21 +22,22 @@ from .optimum_neuron import XSER_TENSORS_SUFFIX
 from .optimum_neuron import normalize_parameters_metadata as normalize_quirks
 
 if TYPE_CHECKING:
-    from .torch_free_plan import ModelPlan, PlannedTensor
+    from .torch_free_plan import ModelPlan, PartPlan, PlannedTensor
 
 
-def forward_layouts(plan: ModelPlan) -> list[tuple[list[PlannedTensor], list[SavedLayout]]]:
-    """(group, the saved layouts of its saved tensors) for every model group of ``plan``; `Unsupported` cannot happen
-    for a plan the planner made (it built these layouts), so it is raised as is, as a plan bug."""
+def forward_layouts(plan: ModelPlan, planned: PartPlan) -> list[tuple[list[PlannedTensor], list[SavedLayout]]]:
+    """(group, the saved layouts of its saved tensors) for every group of the part ``planned`` of ``plan`` (the
+    model or one adapter); `Unsupported` cannot happen for a plan the planner made (it built these layouts), so it
+    is raised as is, as a plan bug."""
     from .torch_free_plan import declared_specs_of  # the planner's reading of the specs, not a second one
 
-    part = plan.checkpoint.model
+    part = plan.source_of(planned)
     stage_of: dict[Path, int] = {}
     for (tp, pp), path in part.rank_files.items():
         stage_of[path] = stage_of[Path(f"{path}{XSER_TENSORS_SUFFIX}")] = pp
     stages: dict[int, tuple[list, dict]] = {}
     out = []
-    for group in (g for p in plan.parts if p.adapter_name is None for g in p.groups):  # the model's (adapters: torch)
+    for group in (g for g in planned.groups if g):  # an adapter's group may keep no output (`adapter_targets`)
         sources = group[0].sources
         file = sources[0][0].file
         pp = stage_of[file] if file in stage_of else stage_of[file.parent]
@@ -43,7 +45,8 @@ def forward_layouts(plan: ModelPlan) -> list[tuple[list[PlannedTensor], list[Sav
             metadata = part.metadata[pp]
             if source_format_of(plan.checkpoint) == "optimum-neuron":
                 metadata = normalize_quirks(metadata, part.tp_size)
-            stages[pp] = (declared_specs_of(metadata, part.tp_size), normalize_parameters_metadata(metadata["parameters"]))
+            parameters = normalize_parameters_metadata(metadata["parameters"], part.adapter_name)
+            stages[pp] = (declared_specs_of(metadata, part.tp_size), parameters)
         modules, parameters = stages[pp]
         names = [ranks[0].name for ranks in sources]
         shapes = {ranks[0].name: tuple(ranks[0].shape) for ranks in sources}

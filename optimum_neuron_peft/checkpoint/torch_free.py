@@ -16,7 +16,7 @@ both cores). Each tensor's write-back to disk starts as soon as it is written, s
 
 Applies when the checkpoint (model, adapters or both, in the torch engine's directory layout) is in plain, xser or
 safetensors rank files, the output is safetensors, no dtype cast is asked, and the planner can vouch for every
-tensor: `consolidate` decides, and says why when it is not this engine. ``verify`` (of a model) re-reads the staged
+tensor: `consolidate` decides, and says why when it is not this engine. ``verify`` re-reads the staged
 output and compares it with the rank files' bytes, torch-free too (`byte_verify`), before publishing it.
 """
 
@@ -71,10 +71,6 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
                     copy_root_files([config_file, *plan.checkpoint.extra_files], directory)
                     if None in expected:
                         mismatch_error(names, *expected[None].result(), shown_as)
-                    if o.verify:  # the staged files, before they are published (adapters + verify: torch engine)
-                        from .byte_verify import verify_written
-
-                        verify_written(plan, directory, shown_as=shown_as)
                     directories["model"] = shown_as
                 else:
                     n, size = write_part(part, directory, kind="adapter", progress=o.progress)
@@ -82,6 +78,10 @@ def consolidate_plan(plan: ModelPlan, checkpoint_dir: Path, output_dir: Path, op
                     keys = expected[part.adapter_name].result()[0] if part.adapter_name in expected else None
                     check_adapter_keys_against(names, directory, keys, shown_as)
                     directories[part.adapter_name] = shown_as
+                if o.verify:  # the staged files, before they are published
+                    from .byte_verify import verify_part
+
+                    verify_part(plan, part, directory, shown_as=shown_as)
                 count, total = count + n, total + size
     finally:
         for keys in expected.values():

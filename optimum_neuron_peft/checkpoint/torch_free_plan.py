@@ -80,6 +80,10 @@ class ModelPlan:
     def tensors(self) -> list[PlannedTensor]:
         return [t for group in self.groups for t in group]
 
+    def source_of(self, part: PartPlan) -> ShardedPart:
+        """The checkpoint's sharded part ``part`` is planned from: its rank files, metadata and tp size."""
+        return self.checkpoint.model if part.adapter_name is None else self.checkpoint.adapters[part.adapter_name]
+
 
 def plan_model(checkpoint_dir: str | os.PathLike, *, adapter: str | None = None, check_checksums: bool = False) -> ModelPlan:
     """The plan of consolidating ``checkpoint_dir`` (only ``adapter`` when given), in the torch engine's layout

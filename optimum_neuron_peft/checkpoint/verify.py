@@ -1,9 +1,9 @@
 """Verification of a consolidated directory against its sharded checkpoint, then that every output loads in
 Transformers / PEFT (`loadability`).
 
-A full-model checkpoint the torch-free planner vouches for, checked as saved (no ``adapter``, no ``dtype``,
-safetensors output), is verified without torch: every output byte against the rank-file bytes it comes from
-(`byte_verify`). Anything else re-derives every rank's shards from the output with torch and compares them
+A checkpoint the torch-free planner vouches for (model, adapters or one ``adapter``), checked as saved (no
+``dtype``, safetensors output), is verified without torch: every output byte against the rank-file bytes it comes
+from (`byte_verify`). Anything else re-derives every rank's shards from the output with torch and compares them
 (`rederive`), and the result says why.
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CheckpointError
-from .byte_verify import BytesVerified, has_safetensors_model, verify_written
-from .consolidate import VERIFY_ADAPTERS, holds_adapters, options_needing_torch
+from .byte_verify import BytesVerified, has_safetensors_output, verify_written
+from .consolidate import options_needing_torch
 from .declared import Unsupported
 from .engine_common import ConsolidateOptions
 
@@ -34,45 +34,51 @@ def verify(
     """Check that ``consolidated_dir`` (as written by `consolidate` with the same ``adapter``/``dtype``) holds exactly
     the data of ``checkpoint_dir``'s rank files. Raises `CheckpointError` naming the first mismatch."""
     consolidated_dir = Path(consolidated_dir)
-    reason = _needs_torch(adapter, dtype, consolidated_dir)
+    reason = options_needing_torch(ConsolidateOptions(adapter=adapter, dtype=dtype))
     if reason is None:
         from .torch_free_plan import plan_model
 
         try:
-            plan = plan_model(checkpoint_dir, check_checksums=check_checksums)
+            plan = plan_model(checkpoint_dir, adapter=adapter, check_checksums=check_checksums)
         except Unsupported as err:
             reason = str(err)
         except CheckpointError as err:  # the torch path reports it, with its own message
             reason = f"the torch-free planner refused it ({err})"
         else:
-            if not holds_adapters(plan):
+            reason = _output_needing_torch(plan, consolidated_dir)
+            if reason is None:
                 return _verify_bytes(plan, consolidated_dir)
-            reason = VERIFY_ADAPTERS
     return _verify_with_torch(checkpoint_dir, consolidated_dir, adapter, dtype, check_checksums, reason)
 
 
-def _needs_torch(adapter: str | None, dtype: Any, consolidated_dir: Path) -> str | None:
-    """Why this verification re-derives with torch (the consolidation options' reasons, then the output's), or None."""
-    reason = options_needing_torch(ConsolidateOptions(adapter=adapter, dtype=dtype))
-    if reason is None and adapter is not None:
-        reason = VERIFY_ADAPTERS
-    if reason is None and not has_safetensors_model(consolidated_dir):
-        reason = "the output holds no safetensors model weights"
-    return reason
+def _output_needing_torch(plan, consolidated_dir: Path) -> str | None:
+    """Why the output needs the torch re-derivation (it is not in safetensors, e.g. ``format="pytorch"``), or None."""
+    for part in plan.parts:
+        if not has_safetensors_output(part, consolidated_dir / part.subdir):
+            return f"the output holds no safetensors {'model' if part.adapter_name is None else 'adapter'} weights"
+    return None
 
 
 def _verify_bytes(plan, consolidated_dir: Path) -> BytesVerified:
-    from .loadability import ExpectedModelKeys, mismatch_error
+    from .loadability import ExpectedModelKeys, check_adapter_keys_against, mismatch_error
 
     config_file = plan.checkpoint.config_file
-    expected = ExpectedModelKeys(config_file) if config_file is not None else None
+    expected = {}
     try:
-        result = verify_written(plan, consolidated_dir)  # the key set is the plan's
-        if expected is not None:
-            mismatch_error([t.name for t in plan.tensors], *expected.result(), consolidated_dir)
+        if config_file is not None:  # derived or computed while the bytes are compared (`loadability`)
+            expected = {part.adapter_name: ExpectedModelKeys(config_file, part.adapter_config) for part in plan.parts}
+        result = verify_written(plan, consolidated_dir)  # each part's key set is its plan's
+        for part in plan.parts:
+            names, directory = [t.name for t in part.tensors], consolidated_dir / part.subdir
+            if part.adapter_name is None:
+                if expected:
+                    mismatch_error(names, *expected[None].result(), directory)
+            else:
+                keys = expected[part.adapter_name].result()[0] if expected else None
+                check_adapter_keys_against(names, directory, keys)
     finally:
-        if expected is not None:
-            expected.cancel()
+        for keys in expected.values():
+            keys.cancel()
     return result
 
 

@@ -1,6 +1,6 @@
 """``optimum-neuron-peft consolidate CHECKPOINT_DIR [OUTPUT_DIR] ...``: sharded checkpoint -> Transformers/PEFT.
 
-`checkpoint.consolidate` chooses the engine, as for the library: a full-model checkpoint consolidated as saved goes
+`checkpoint.consolidate` chooses the engine, as for the library: a checkpoint (model and/or adapters) consolidated as saved goes
 through the torch-free engine (this command then never imports torch), everything else through the torch engine,
 and the printed summary says which and why.
 """

@@ -1,7 +1,8 @@
 """``verify`` without torch (`checkpoint.byte_verify`): a full-model consolidation verified by comparing every output
 byte with the rank-file bytes its piece map names. The consolidation stays in the torch-free engine and imports no
 torch; a flipped bit (in a row-copied and in a column-gathered tensor), an extra, a missing or a misplaced tensor,
-and a damaged header are each one error line naming the tensor and the file, and nothing is published."""
+and a damaged header are each one error line naming the tensor and the file, and nothing is published. Adapters
+(optimum-neuron's and ours, with or without the model, ``adapter=NAME``) are verified the same way, torch-free."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from optimum_neuron_peft.cli import main
 from optimum_neuron_peft.errors import CheckpointError
 from optimum_neuron_peft.transformations.pieces import ColumnGather, RowCopy
 
-from consolidation_helpers import model_state, write_optimum_neuron, write_ours
+from consolidation_helpers import adapter_state, model_state, write_optimum_neuron, write_optimum_neuron_adapters, write_ours
+from test_optimum_neuron_adapters import Case, model_config, reference_adapter
 
 REPO = Path(__file__).resolve().parents[2]
 NO_HEAVY_IMPORTS = (
@@ -199,12 +201,13 @@ def _replica_copy(tmp_path: Path, source: Path, name: str) -> tuple[Path, Path, 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(source, ckpt)
     plan = plan_model(ckpt)
-    tensor = next(t for t in plan.tensors if t.name == name)
+    part = next(p for p in plan.parts if name in {t.name for t in p.tensors})
+    tensor = next(t for t in part.tensors if t.name == name)
     read = {r for _, r, _, _ in tensor.provenance.pieces}
-    rank = next(r for r in range(plan.checkpoint.model.tp_size) if r not in read)
+    rank = next(r for r in range(plan.source_of(part).tp_size) if r not in read)
     (k, _, _, _) = tensor.provenance.pieces[0]
     saved = tensor.sources[k][rank]
-    rank_file = plan.checkpoint.model.rank_files[(rank, 0)]
+    rank_file = plan.source_of(part).rank_files[(rank, 0)]
     _flip(rank_file, saved.name, 1)
     manifest = json.loads((ckpt / "manifest.json").read_text())  # a consistent input, not a corrupted file
     manifest["files"][rank_file.relative_to(ckpt).as_posix()]["sha256"] = hashlib.sha256(rank_file.read_bytes()).hexdigest()
@@ -242,3 +245,94 @@ def test_a_clean_replicated_gqa_checkpoint_verifies_torch_free(gqa_replicated, t
     code = "import sys; from optimum_neuron_peft.cli import main; c = main(sys.argv[1:]); " + NO_HEAVY_IMPORTS + "sys.exit(c)"
     proc = subprocess.run([sys.executable, "-c", code, "verify", str(gqa_replicated), str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0 and proc.stdout.rstrip().endswith("all bit-exact [torch-free]"), proc.stderr
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """optimum-neuron's adapter at tp=4, GQA with kv_size_multiplier=2 and a shared lora_A; ours: a model and an
+    adapter (in ``default/``) at tp=2."""
+    root = tmp_path_factory.mktemp("adapters")
+    case = Case(tp=4, m=2)
+    config = model_config(case)
+    write_optimum_neuron_adapters(root / "on", config, 4, {"default": reference_adapter(config, case.targets, 0)}, kv_size_multiplier=2)
+    write_ours(root / "ours", 2, model=model_state(torch.bfloat16), adapters={"default": adapter_state(seed=1)})
+    return root
+
+
+@pytest.mark.parametrize("which", ["on", "ours"])
+def test_verified_adapters_stay_torch_free(adapters, tmp_path, which):
+    code = "import sys; from optimum_neuron_peft.cli import main; c = main(sys.argv[1:]); " + NO_HEAVY_IMPORTS + "sys.exit(c)"
+    for argv in (["consolidate", adapters / which, tmp_path / "out", "--verify", "--no-progress"],
+                 ["verify", adapters / which, tmp_path / "out"]):  # fmt: skip
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, argv)], cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        if argv[0] == "consolidate":
+            assert proc.stdout.rstrip().endswith("[torch-free engine] (verified)"), proc.stdout
+    assert proc.stdout.rstrip().endswith("all bit-exact [torch-free]")
+    result = consolidate(adapters / which, tmp_path / "lib", verify=True)
+    assert (result.engine, result.reason) == ("torch-free", None)
+    assert result.summary().endswith("[torch-free engine]")  # the CLI adds " (verified)"
+    if which == "ours":  # one adapter alone, published at the root, is verified alone
+        assert consolidate(adapters / which, tmp_path / "one", adapter="default", verify=True).engine == "torch-free"
+        assert isinstance(verify(adapters / which, tmp_path / "one", adapter="default"), BytesVerified)
+        assert isinstance(verify(adapters / which, tmp_path / "out" / "default", adapter="default"), BytesVerified)
+
+
+@pytest.mark.parametrize("which", ["on", "ours"])
+@pytest.mark.parametrize(
+    "name, kind", [("base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", RowCopy),
+                   ("base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight", ColumnGather),
+                   ("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight", ColumnGather)],  # fmt: skip
+)
+def test_a_flipped_bit_in_an_adapter_is_named(adapters, tmp_path, capsys, which, name, kind):
+    ckpt = adapters / which
+    result = consolidate(ckpt, tmp_path / "out")
+    plan = plan_model(ckpt)
+    part = next(p for p in plan.parts if p.adapter_name == "default")
+    tensor = next(t for t in part.tensors if t.name == name)
+    assert type(tensor.provenance) is kind
+    (k, rank, _, _), *_ = tensor.provenance.pieces  # the first rank read: the first bytes of each output row
+    offset = tensor.nbytes // tensor.shape[0] + 1  # row 1
+    weights = result.directories["default"] / "adapter_model.safetensors"
+    _flip(weights, name, offset)
+    expected = (
+        f"{plan.source_of(part).rank_files[(rank, 0)]}: tensor '{tensor.sources[k][rank].name}' differs from the bytes "
+        f"of '{name}' in {weights} (first differing byte at offset "
+    )
+    code, out, err = _run_cli(capsys, "verify", ckpt, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+    assert f"offset {offset} of the output's {tensor.nbytes})" in err
+    code, _, err = _run_cli(capsys, "verify", ckpt, result.directories["default"], "--adapter", "default")
+    assert code == 2 and err.count("\n") == 1 and expected in err, err
+
+
+@pytest.mark.parametrize("which", ["on", "ours"])
+def test_an_extra_tensor_in_an_adapter_is_named(adapters, tmp_path, capsys, which):
+    result = consolidate(adapters / which, tmp_path / "out")
+    directory = result.directories["default"]
+    extra = "base_model.model.model.layers.0.self_attn.q_proj.lora_C.weight"
+    _rewrite(directory / "adapter_model.safetensors", lambda t: t.update({extra: torch.zeros(2)}))
+    code, _, err = _run_cli(capsys, "verify", adapters / which, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1
+    assert f"{directory}: holds tensors the checkpoint does not, e.g. ['{extra}']" in err
+    (directory / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="expected consolidated adapter weights"):
+        verify(adapters / which, tmp_path / "out")
+
+
+def test_adapter_replicas_that_disagree_fail_verify(adapters, tmp_path, capsys):
+    """The shared q lora_A is saved on both ranks and read from rank 0: rank 1's differing copy fails verify,
+    torch-free and with the torch re-derivation alike."""
+    name = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    ckpt, rank_file, saved = _replica_copy(tmp_path, adapters / "ours", name)
+    weights = tmp_path / "out" / "default" / "adapter_model.safetensors"
+    expected = f"{rank_file}: tensor '{saved}' differs from the bytes of '{name}' in {weights}"
+    with pytest.raises(CheckpointError) as caught:
+        consolidate(ckpt, tmp_path / "out", verify=True)
+    assert str(caught.value).startswith(expected) and "\n" not in str(caught.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match=f"tensor '{saved}' differs from the one re-derived from "):
+        consolidate(ckpt, tmp_path / "torch", engine="torch", verify=True)
+    assert consolidate(ckpt, tmp_path / "out").engine == "torch-free"
+    code, _, err = _run_cli(capsys, "verify", ckpt, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and expected in err

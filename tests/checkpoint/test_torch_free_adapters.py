@@ -18,6 +18,8 @@ import transformers
 from safetensors.torch import load_file
 
 from consolidation_helpers import adapter_state, assert_bit_equal, model_state, write_optimum_neuron, write_optimum_neuron_adapters, write_ours
+from optimum_neuron_peft.checkpoint import verify
+from optimum_neuron_peft.checkpoint.byte_verify import BytesVerified
 from optimum_neuron_peft.checkpoint.consolidate import choose_engine, consolidate
 from optimum_neuron_peft.checkpoint.engine_common import ConsolidateOptions
 from optimum_neuron_peft.checkpoint.known_keys import _DEFAULT_FIELDS, _NEUTRAL_FIELDS, _llama_modules, expected_adapter_keys
@@ -109,9 +111,11 @@ def test_adapters_take_the_torch_free_engine_and_write_the_torch_engines_bytes(t
     ckpt, config, adapters = _write(tmp_path / "ckpt", layout)
     choice = choose_engine(ckpt, ConsolidateOptions(adapter=layout.adapter))
     assert (choice.engine, choice.reason) == ("torch-free", None)
-    free = consolidate(ckpt, tmp_path / "free", adapter=layout.adapter)
+    free = consolidate(ckpt, tmp_path / "free", adapter=layout.adapter, verify=True)
     reference = consolidate(ckpt, tmp_path / "torch", adapter=layout.adapter, engine="torch")
-    assert (free.engine, reference.engine) == ("torch-free", "torch")
+    assert (free.engine, free.reason, reference.engine) == ("torch-free", None, "torch")
+    verified = verify(ckpt, tmp_path / "torch", adapter=layout.adapter)  # every byte and every rank's copy, torch-free
+    assert isinstance(verified, BytesVerified) and (verified.tensors, verified.bytes) == (free.tensors, free.bytes)
     assert (free.tensors, free.bytes, free.directories) == (reference.tensors, reference.bytes, {k: tmp_path / "free" / v.relative_to(tmp_path / "torch") for k, v in reference.directories.items()})
     assert _files(tmp_path / "free") == _files(tmp_path / "torch")  # every file, byte for byte
     for name, directory in free.directories.items():

@@ -140,8 +140,8 @@ LEFT_TO_TORCH = {  # options -> the reason stated
     "dtype": ({"dtype": "fp32"}, "a dtype cast (fp32)"),
     "pytorch format": ({"format": "pytorch"}, "output format 'pytorch'"),
     "adapter selected, cast": ({"adapter": "default", "dtype": "fp16"}, "a dtype cast (fp16)"),
-    "adapter in checkpoint, verify": ({"with_adapter": True, "verify": True}, "verify of adapters (the byte verification covers model weights)"),
-}  # adapters as saved take the torch-free engine: test_torch_free_adapters.py
+    "adapter in checkpoint, verify, cast": ({"with_adapter": True, "verify": True, "dtype": "bf16"}, "a dtype cast (bf16)"),
+}  # adapters as saved take the torch-free engine, verified too: test_torch_free_adapters.py, test_byte_verify.py
 
 
 @pytest.mark.parametrize("case", list(LEFT_TO_TORCH))
