@@ -195,20 +195,11 @@ class _Comparer:
             self._columns(tensor, out)
 
     def _rows(self, tensor: PlannedTensor, out: StoredTensor) -> None:
-        at = 0  # byte position in the output tensor
+        at = 0  # row position in the output tensor
         for k, r, first, stop in tensor.provenance.pieces:
-            src = tensor.sources[k][r]
-            step = row_bytes(src.shape, src.itemsize)
-            begin, length = first * step, (stop - first) * step
-            for i in range(0, length, CHUNK):
-                n = min(CHUNK, length - i)
-                a = self._read(self.files, src.file, data_offset(src) + begin + i, self._source[:n])
-                b = self._read(self._outputs, out.file, out.offset + at + i, self._output[:n])
-                if not self.np.array_equal(a, b):
-                    x = int(self.np.flatnonzero(a != b)[0])
-                    raise self._mismatch(tensor, out, src, begin + i + x, at + i + x)
-            at += length
-        self._check_covered(tensor, out, at)
+            self._row_block(tensor, out, tensor.sources[k][r], first, at, stop - first)
+            at += stop - first
+        self._check_covered(tensor, out, at * row_bytes(out.shape, out.itemsize))
 
     def _columns(self, tensor: PlannedTensor, out: StoredTensor) -> None:
         np = self.np

@@ -27,7 +27,6 @@ import torch
 
 from ..errors import SpecError
 from .base import ModelWeightTransformationSpec, register_spec
-from .parallel_plan import COLUMN, LORA_PARTITION_DIM, ROW
 from .peft_targets import FusedModuleSpec, FusedProjections
 from .pieces_torch import gather_saved, spec_to_original
 from .sharding import materialize, shard_tensor, tensor_shape
@@ -108,16 +107,14 @@ class FusedLinearsSpec(FusedLinearsFields, FusedModuleSpec, ModelWeightTransform
                 layout = self.fused_layout(name, names, self.fuse_axis if param == "weight" else 0)
             local[name] = gather_saved(layout, tp_rank, state_dict)
             consumed += names
-        # LoRA: lora_B of a column-fused linear and lora_A of a row-fused one are sharded like the base weight.
-        sharded, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
         for lin in self.linear_names:
             for lora in ("lora_A", "lora_B"):
                 name = f"{m}.{lin}.{lora}.weight"
                 if name not in state_dict:
                     continue
-                tensor = state_dict[name]
-                if lora == sharded:
-                    tensor = shard_tensor(tensor, sharded_dim, self.tp_size, tp_rank, name=name)
+                tensor, dim = state_dict[name], self.lora_shard_dim(lora)
+                if dim is not None:
+                    tensor = shard_tensor(tensor, dim, self.tp_size, tp_rank, name=name)
                 local[f"{m}.{fused}.{lora}.weight_{lin}"] = materialize(tensor).contiguous()
                 consumed.append(name)
         return local, consumed

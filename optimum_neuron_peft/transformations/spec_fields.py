@@ -245,10 +245,16 @@ class FusedLinearsFields(_LinearParams):
         """One linear's ``lora`` ("lora_A" / "lora_B") weight saved as ``name``: sharded like the base weight
         (lora_B of a column-fused linear along dim 0, lora_A of a row-fused one along dim 1; ``size``: the full
         size along that dim), else whole on every rank (``size`` rows)."""
-        sharded_lora, dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]  # the plan's one LoRA rule
-        if lora == sharded_lora:
+        dim = self.lora_shard_dim(lora)
+        if dim is not None:
             return sharded(name, original, size, self.tp_size, dim)
         return replicated(name, original, size, self.tp_size)
+
+    def lora_shard_dim(self, lora: str) -> int | None:
+        """The dim along which each linear's ``lora`` ("lora_A" / "lora_B") weight is sharded like the base weight,
+        or None when it is whole on every rank: the plan's one LoRA rule (`parallel_plan.LORA_PARTITION_DIM`)."""
+        sharded_lora, dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
+        return dim if lora == sharded_lora else None
 
     def saved_layouts(self, module_fully_qualified_name: str, shapes: Shapes) -> list[SavedLayout]:
         """The layout of each saved tensor of this module present in ``shapes``, in the order the originals are
@@ -271,16 +277,15 @@ class FusedLinearsFields(_LinearParams):
                 layouts.append(self.concatenated_layout(name, originals, [whole[0] // count] * count))
             else:
                 layouts.append(self._fused_layout(name, ranks, originals, self.fuse_axis if param == "weight" else 0))
-        sharded_lora, sharded_dim = LORA_PARTITION_DIM[COLUMN if self.fuse_axis == 0 else ROW]
         for lin in self.linear_names:
             for lora in ("lora_A", "lora_B"):
                 name = f"{m}.{fused}.{lora}.weight_{lin}"
                 if name not in shapes:
                     continue
-                shape = rank_shapes(shapes, name, tp)[0]
-                if lora == sharded_lora and len(shape) <= sharded_dim:
-                    raise SpecError(f"{name}: a {len(shape)}-D LoRA weight sharded along dim {sharded_dim}")
-                full = shape[sharded_dim] * tp if lora == sharded_lora else shape[0]
+                shape, dim = rank_shapes(shapes, name, tp)[0], self.lora_shard_dim(lora)
+                if dim is not None and len(shape) <= dim:
+                    raise SpecError(f"{name}: a {len(shape)}-D LoRA weight sharded along dim {dim}")
+                full = shape[dim] * tp if dim is not None else shape[0]
                 layouts.append(self.lora_layout(name, f"{m}.{lin}.{lora}.weight", lora, full))
         shared_a, fused_b = f"{m}.{fused}.lora_A.weight", f"{m}.{fused}.lora_B.weight"
         if shared_a in shapes or fused_b in shapes:
