@@ -14,6 +14,9 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from ..transformations.names import PEFT_WRAPPER_PREFIX
+from ..transformations.parallel_plan import COLUMN, LAYER, MODULE_PLAN, ROW, TIED_LM_HEAD
+
 # The LlamaConfig fields that change the keys of ``AutoModelForCausalLM`` (LlamaForCausalLM, whatever
 # ``architectures`` says: `loadability` builds it from ``model_type``), all False by default. Transformers >=5.23,<6
 # (pyproject.toml); tests/checkpoint/test_loadability.py pins each against its ``state_dict()``.
@@ -37,24 +40,27 @@ def expected_keys_from_config(config: Any) -> tuple[set[str], set[str]] | None:
 
 
 def _llama(layers: int, *, tie_word_embeddings: bool, attention_bias: bool, mlp_bias: bool) -> tuple[set[str], set[str]]:
-    keys = {"model.embed_tokens.weight", "model.norm.weight"}
-    for i in range(layers):
-        layer = f"model.layers.{i}"
-        keys |= {f"{layer}.input_layernorm.weight", f"{layer}.post_attention_layernorm.weight"}
-        for module, bias in [*((f"self_attn.{p}_proj", attention_bias) for p in "qkvo"),
-                             *((f"mlp.{p}_proj", mlp_bias) for p in ("gate", "up", "down"))]:  # fmt: skip
-            keys.add(f"{layer}.{module}.weight")
-            if bias:
-                keys.add(f"{layer}.{module}.bias")
-    allowed = keys | {"lm_head.weight"}
+    """The parameters of the parallel plan's table (`transformations.parallel_plan.MODULE_PLAN`, the one list of a
+    Llama-family model's modules) that Llama has: no family-only module, biases where the config flag says so."""
+    flags = {"attention_bias": attention_bias, "mlp_bias": mlp_bias}
+    allowed: set[str] = set()
+    for name, plan in MODULE_PLAN.items():
+        if plan.family_flag is not None:
+            continue
+        for module in [name.replace("<i>", str(i)) for i in range(layers)] if LAYER in name else [name]:
+            allowed.add(f"{module}.weight")
+            if plan.bias is not None and flags[plan.bias]:
+                allowed.add(f"{module}.bias")
     # A tied lm_head is the embedding's parameter: in the state dict, not owned, re-tied on load.
-    return (keys if tie_word_embeddings else allowed), allowed
+    return (allowed - {TIED_LM_HEAD} if tie_word_embeddings else allowed), allowed
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # LoRA adapters: the keys of ``get_peft_model_state_dict`` (what ``PeftModel.from_pretrained`` loads)
 
-_PROJECTIONS = (*(f"self_attn.{p}_proj" for p in "qkvo"), *(f"mlp.{p}_proj" for p in ("gate", "up", "down")))
+_PROJECTIONS = tuple(
+    name.removeprefix(f"{LAYER}.") for name, plan in MODULE_PLAN.items() if LAYER in name and plan.parallel in (COLUMN, ROW)
+)  # the decoder layer's linears, from the plan
 # adapter_config fields that do not change which keys PEFT saves (values, init and scaling only).
 _NEUTRAL_FIELDS = frozenset({
     "task_type", "peft_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
@@ -101,7 +107,7 @@ def expected_adapter_keys(model_config: Any, adapter_config: Any) -> set[str] | 
     targeted = {module for module in _llama_modules(layers) if matches(module)}
     if not targeted or targeted - projections:
         return None
-    return {f"base_model.model.{module}.{lora}.weight" for module in targeted for lora in ("lora_A", "lora_B")}
+    return {f"{PEFT_WRAPPER_PREFIX}{module}.{lora}.weight" for module in targeted for lora in ("lora_A", "lora_B")}
 
 
 def _llama_modules(layers: int) -> list[str]:
